@@ -1,0 +1,294 @@
+"""The `planlang` command line (spec §12).
+
+Exit status: 0 no errors; 1 errors (warnings too with --strict); 2 the command could not
+run (usage, unreadable file). Bad input never shows a traceback. The runtime (and torch)
+is imported only inside the commands that run a model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import __version__
+from .diagnostics import Diagnostic, has_errors, render_json, render_sarif, render_text, sort_key
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """The command could not run: exit 2 with this message."""
+
+
+def _add_format(p: argparse.ArgumentParser, choices=("text", "json")) -> None:
+    p.add_argument("--format", choices=choices, default="text", help="output format")
+    p.add_argument("--json", dest="format", action="store_const", const="json", help="short for --format json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="planlang", description="Declarative optimization plans for PyTorch models.")
+    parser.add_argument("--version", action="version", version=f"planlang {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("lint", help="check plans against the spec and a hardware target")
+    p.add_argument("plans", nargs="+", metavar="PLAN")
+    p.add_argument("--target", help="check against this target instead of the plan's")
+    p.add_argument("--model", help="also check selectors and shapes against a model (imports torch)")
+    p.add_argument("--strict", action="store_true", help="warnings fail too")
+    p.add_argument("--hardware", action="append", default=[], metavar="FILE", help="extra hardware targets (YAML)")
+    p.add_argument("--trust-pickle", action="store_true", help=argparse.SUPPRESS)
+    _add_format(p, ("text", "json", "sarif"))
+
+    p = sub.add_parser("fmt", help="print a plan in canonical form, or convert it")
+    p.add_argument("plan", metavar="PLAN")
+    p.add_argument("--to", choices=("yaml", "plan"), help="output syntax (default: the file's own)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--check", action="store_true", help="exit 1 when the file is not canonical")
+    g.add_argument("--write", action="store_true", help="rewrite the file (atomically)")
+    _add_format(p)
+
+    p = sub.add_parser("explain", help="what a plan does, section by section")
+    p.add_argument("plan", metavar="PLAN")
+    p.add_argument("--model", help="list the places each rule takes in this model, and predictions")
+    p.add_argument("--target")
+    p.add_argument("--hardware", action="append", default=[], metavar="FILE")
+    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--context", type=int, default=128, help="decode context for predictions")
+    _add_format(p)
+
+    p = sub.add_parser("apply", help="apply a plan to a model, check numerics, time it, report")
+    p.add_argument("plan", metavar="PLAN")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="builtin:NAME, a .pt checkpoint, a HF folder")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled whole module (runs code)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--max-error", type=float, help="fail when the relative output error exceeds this")
+    p.add_argument("--min-agreement", type=float, help="fail when top-1 agreement falls below this")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--hardware", action="append", default=[], metavar="FILE")
+    _add_format(p)
+
+    p = sub.add_parser("bench", help="time planned models against eager and torch.compile")
+    p.add_argument("plans", nargs="+", metavar="PLAN_OR_MODEL")
+    p.add_argument("--against", default="eager,compile")
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--device")
+    p.add_argument("--trust-pickle", action="store_true")
+    _add_format(p)
+
+    p = sub.add_parser("tune", help="search plans on this hardware and write the best")
+    p.add_argument("model", nargs="?", metavar="MODEL")
+    p.add_argument("-o", "--output", required=True, metavar="PLAN")
+    p.add_argument("--target")
+    p.add_argument("--budget", type=float, default=5.0, metavar="MIN")
+    p.add_argument("--max-error", type=float)
+    p.add_argument("--min-agreement", type=float)
+    _add_format(p)
+
+    p = sub.add_parser("export", help="write a built-in model as a planlang checkpoint (.pt)")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("output", metavar="OUT.pt")
+    _add_format(p)
+
+    p = sub.add_parser("targets", help="the hardware catalog")
+    p.add_argument("--hardware", action="append", default=[], metavar="FILE")
+    _add_format(p)
+
+    p = sub.add_parser("detect", help="what this machine is")
+    _add_format(p)
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+def _catalog(files: Sequence[str]):
+    from .hardware import HardwareFileError, load_catalog
+    try:
+        return load_catalog(files), []
+    except HardwareFileError as exc:
+        diags = []
+        for e in exc.diagnostics:
+            f = getattr(e, "file", None) or (files[0] if files else "<hardware>")
+            diags.append(Diagnostic("PL130", e.message, "", str(f), e.span, e.hint))
+        return None, diags
+
+
+def cmd_lint(args) -> int:
+    from .loader import load_with_source
+    from .validate import validate
+
+    catalog, diags = _catalog(args.hardware)
+    unreadable = False
+    for path in args.plans:
+        loaded = load_with_source(path)
+        diags.extend(loaded.diagnostics)
+        if any(d.code == "PL100" for d in loaded.diagnostics):
+            unreadable = True
+        if loaded.plan is None or catalog is None:
+            continue
+        diags.extend(validate(loaded.plan, loaded.source, target=args.target, catalog=catalog))
+        if args.model and not has_errors(diags):
+            from .runtime_bridge import model_diagnostics
+            diags.extend(model_diagnostics(loaded, args.model, target=args.target, catalog=catalog,
+                                           trust_pickle=args.trust_pickle))
+    diags.sort(key=sort_key)
+    ok = not has_errors(diags, strict=args.strict)
+    if args.format == "json":
+        print(render_json(diags, ok))
+    elif args.format == "sarif":
+        print(render_sarif(diags, __version__))
+    else:
+        if diags:
+            print(render_text(diags))
+        n_err = sum(d.severity == "error" for d in diags)
+        n_warn = sum(d.severity == "warning" for d in diags)
+        print(f"{len(args.plans)} plan(s): {n_err} error(s), {n_warn} warning(s)", file=sys.stderr)
+    if unreadable:
+        return EXIT_USAGE
+    return EXIT_OK if ok else EXIT_ERRORS
+
+
+def cmd_fmt(args) -> int:
+    from .loader import read_document
+    from .plan import Plan
+    from .source import SourceError
+    from .writer import atomic_write, format_plan
+
+    path = Path(args.plan)
+    try:
+        doc, source = read_document(path)
+    except SourceError as exc:
+        d = Diagnostic(exc.code, exc.message, "", str(path), exc.span, exc.hint)
+        print(render_text([d]), file=sys.stderr)
+        return EXIT_USAGE if exc.code == "PL100" else EXIT_ERRORS
+    plan, diags = Plan.from_document(doc, source)
+    if plan is None:
+        print(render_text(diags), file=sys.stderr)
+        return EXIT_ERRORS
+    own = "plan" if path.suffix == ".plan" else "yaml"
+    to = args.to or own
+    text = format_plan(plan, to)
+    if args.check:
+        current = path.read_text(encoding="utf-8")
+        same = current == (text if to == own else format_plan(plan, own))
+        if not same:
+            print(f"{path}: not in canonical form (run `planlang fmt --write {path}`)", file=sys.stderr)
+        return EXIT_OK if same else EXIT_ERRORS
+    if args.write:
+        out = path if to == own else path.with_suffix(".plan" if to == "plan" else ".yaml")
+        atomic_write(out, text)
+        print(f"wrote {out}", file=sys.stderr)
+        return EXIT_OK
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_explain(args) -> int:
+    from .explain import explain_plan, render_explain
+    from .loader import load_with_source
+    from .validate import resolve_target, validate
+
+    catalog, diags = _catalog(args.hardware)
+    if catalog is None:
+        print(render_text(diags), file=sys.stderr)
+        return EXIT_USAGE
+    loaded = load_with_source(args.plan)
+    if loaded.plan is None:
+        print(render_text(loaded.diagnostics), file=sys.stderr)
+        return EXIT_USAGE if any(d.code == "PL100" for d in loaded.diagnostics) else EXIT_ERRORS
+    diags = validate(loaded.plan, loaded.source, target=args.target, catalog=catalog)
+    res = resolve_target(loaded.plan, loaded.source, catalog, args.target)
+    data = explain_plan(loaded.plan, res.target, res.how)
+    if args.model:
+        from .runtime_bridge import explain_with_model
+        data = explain_with_model(data, loaded, args.model, res.target, catalog,
+                                  trust_pickle=args.trust_pickle, context=args.context)
+    data["diagnostics"] = [d.to_json() for d in diags]
+    if args.format == "json":
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(render_explain(data))
+        if diags:
+            print("\n" + render_text(sorted(diags, key=sort_key)))
+    return EXIT_ERRORS if has_errors(diags) else EXIT_OK
+
+
+def cmd_targets(args) -> int:
+    catalog, diags = _catalog(args.hardware)
+    if catalog is None:
+        print(render_text(diags), file=sys.stderr)
+        return EXIT_USAGE
+    rows = list(catalog)
+    if args.format == "json":
+        print(json.dumps([t.model_dump() for t in rows], indent=2, default=str))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title="planlang targets")
+    for col in ("id", "aliases", "name", "cc", "memory GB", "HBM GB/s", "host GB/s", "SMs", "bf16 TFLOP/s", "low precision"):
+        table.add_column(col)
+    for t in rows:
+        low = [d for d in t.tflops if d.startswith(("fp8", "mx", "nv"))]
+        def num(v):
+            return "-" if v is None else f"{v:g}"
+        table.add_row(t.id, ", ".join(t.aliases), t.name, t.compute_capability or "-", num(t.memory_gb),
+                      num(t.memory_bandwidth_gbs), num(t.host_link_gbs), str(t.sm_count or "-"),
+                      num(t.tflops.get("bf16")), ", ".join(low) or "-")
+    Console(width=200).print(table)
+    return EXIT_OK
+
+
+def cmd_detect(args) -> int:
+    from .hardware import detect
+    found = detect(use_torch=True)
+    data = {"target": found.target_id if found else "cpu", "name": found.name if found else "no GPU found",
+            "how": found.how if found else "no nvidia-smi, NVML or CUDA device",
+            "compute_capability": found.compute_capability if found else None}
+    if args.format == "json":
+        print(json.dumps(data, indent=2))
+    else:
+        cc = f", compute capability {data['compute_capability']}" if data["compute_capability"] else ""
+        print(f"{data['target']}: {data['name']}{cc} ({data['how']})")
+    return EXIT_OK
+
+
+def _runtime_command(name: str):
+    def run(args) -> int:
+        try:
+            from .runtime_bridge import COMMANDS
+        except ImportError as exc:
+            raise UsageError(f"`planlang {name}` needs the runtime (torch): {exc}. "
+                             "Install it with `pip install planlang[runtime]`") from None
+        return COMMANDS[name](args)
+    return run
+
+
+COMMANDS = {
+    "lint": cmd_lint, "fmt": cmd_fmt, "explain": cmd_explain, "targets": cmd_targets, "detect": cmd_detect,
+    "apply": _runtime_command("apply"), "bench": _runtime_command("bench"),
+    "tune": _runtime_command("tune"), "export": _runtime_command("export"),
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"planlang {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

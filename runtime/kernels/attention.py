@@ -1,0 +1,523 @@
+"""Attention over a static KV cache, with its epilogue fused: soft-cap, sinks, sliding window.
+
+`attention(q, k_cache, v_cache, input_pos, scale=...)` computes, for each of the T new
+query tokens at positions `input_pos` (contiguous, shared by the batch), softmax attention
+over the keys already written in the cache:
+
+- key position j is visible to a query at position p when j <= input_pos[-1] (the filled
+  part of the cache), and j <= p if `causal`, and p - j < window if `window` is given
+  (the last `window` positions, the query's own included, as Gemma-2 and Mistral do);
+- scores are `scale * q.k`, soft-capped as `softcap * tanh(score / softcap)` before masking;
+- `sinks[h]` (gpt-oss) is one extra logit per query head that joins the softmax
+  denominator and carries no value;
+- query head h reads KV head h // (Hq // Hkv) (grouped-query attention).
+
+Two Triton kernels implement it. Decoding (T == 1) uses split-KV ("flash-decoding"): the
+grid is (batch, KV head, split); each program reads its slice of the context once for all
+the query heads of its group, and a small reduce kernel merges the splits by log-sum-exp
+(the sink enters there). Prefill (T > 1) uses a flash-attention kernel over tiles of
+queries x keys. Neither reads the context length on the host: programs load input_pos
+themselves, so the op can be captured in a CUDA graph and replayed at any position.
+
+Everything runs in float32 inside (scores, softmax, accumulation); the output has q's dtype.
+`attention_reference` is the plain PyTorch definition, and what runs where Triton cannot.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+
+from planlang.runtime.kernels.backend import use_triton
+
+try:  # the module must import without triton: the reference still works then
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except Exception:  # ImportError, or a broken install raising anything
+    _HAVE_TRITON = False
+
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------
+# The reference: plain PyTorch, float32, explicit masks
+# --------------------------------------------------------------------------------------
+def attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    input_pos: torch.Tensor,
+    *,
+    scale: float,
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """The definition of `attention`, in float32 torch ops over the whole cache length.
+
+    Cache rows past the batch and positions past input_pos[-1] are never read into the
+    result (they are replaced by zeros before any arithmetic), so garbage there is harmless.
+    float64 inputs are computed in float64.
+    """
+    B, T, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    key_pos = torch.arange(S, device=q.device)
+    query_pos = input_pos.to(q.device, torch.long)
+    filled = key_pos <= query_pos[-1]  # [S]; a tensor comparison: no host sync
+    visible = filled[None, :].expand(T, S)  # [T, S]
+    if causal:
+        visible = visible & (key_pos[None, :] <= query_pos[:, None])
+    if window is not None:
+        visible = visible & (query_pos[:, None] - key_pos[None, :] < window)
+
+    # Zero the unfilled positions first: NaN or inf there must not reach the matmuls.
+    k = torch.where(filled[None, None, :, None], k_cache[:B].to(compute), 0.0)
+    v = torch.where(filled[None, None, :, None], v_cache[:B].to(compute), 0.0)
+    k = k.repeat_interleave(group, dim=1)  # [B, Hq, S, D]: query head h reads KV head h // group
+    v = v.repeat_interleave(group, dim=1)
+
+    scores = torch.einsum("bthd,bhsd->bhts", q.to(compute), k) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~visible[None, None], float("-inf"))
+    if sinks is not None:
+        sink_col = sinks.to(compute).view(1, Hq, 1, 1).expand(B, Hq, T, 1)
+        probs = torch.softmax(torch.cat([scores, sink_col], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhts,bhsd->bthd", probs, v)
+    return out.to(q.dtype).contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _scores_base2(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+        """Raw q.k products -> scaled (and soft-capped) logits, in base-2 units for exp2."""
+        s = qk * scale
+        if HAS_SOFTCAP:
+            # tanh(y) = 1 - 2 / (exp(2y) + 1): exact at both ends (exp -> inf gives 1, -> 0 gives -1),
+            # and needs no libdevice, so it also runs under the interpreter.
+            y = s / softcap
+            s = softcap * (1.0 - 2.0 / (tl.exp2(y * (2.0 * 1.4426950408889634)) + 1.0))
+        return s * 1.4426950408889634
+
+    @triton.jit
+    def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """a @ b with float32 accumulation. UPCAST is for Triton's interpreter, whose bf16
+        dot is wrong (triton 3.9): products of bf16 values are exact in float32 anyway."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr, k_ptr, v_ptr, pos_ptr, sinks_ptr, part_out_ptr, part_lse_ptr, out_ptr,
+        stride_qb, stride_qh, stride_qd,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_ob, stride_oh, stride_od,
+        scale, softcap, window, S, D, Hq,
+        GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    ):
+        """One (batch row, KV head, split): all GROUP query heads over one slice of the context.
+
+        The slice is computed on the device from input_pos: the visible range [lo, hi) is cut
+        into NUM_SPLITS chunks of whole blocks; a program whose chunk is empty writes an
+        empty partial (lse = -inf). With NUM_SPLITS == 1 the program finishes the job itself.
+        """
+        b = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+
+        pos = tl.load(pos_ptr).to(tl.int32)  # the single query's position (T == 1)
+        hi = tl.minimum(pos + 1, S)
+        lo = pos * 0
+        if HAS_WINDOW:
+            lo = tl.maximum(pos - window + 1, 0)
+        chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = lo + split * chunk
+        stop = tl.minimum(start + chunk, hi)
+
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        heads = kv_head * GROUP + offs_g
+        g_ok = offs_g < GROUP
+        d_ok = offs_d < D
+
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+            mask=g_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for n0 in range(start, stop, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < stop
+            k_t = tl.load(  # [BLOCK_D, BLOCK_N]: K transposed for q @ K^T
+                k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                mask=n_ok[None, :] & d_ok[:, None], other=0.0,
+            )
+            s = _scores_base2(_mma(q, k_t, DOT_PRECISION, DOT_UPCAST), scale, softcap, HAS_SOFTCAP)
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            # Every block holds at least one visible key (n0 < stop), so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(
+                v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+            )
+            acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+            m_i = m_new
+
+        if NUM_SPLITS == 1:
+            # The only split: apply the sink and write the output directly, no reduce launch.
+            denom = l_i
+            if HAS_SINKS:
+                sink = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+                m_all = tl.maximum(m_i, sink)
+                acc = acc * tl.exp2(m_i - m_all)[:, None]
+                denom = l_i * tl.exp2(m_i - m_all) + tl.exp2(sink - m_all)
+            out = acc / denom[:, None]
+            tl.store(
+                out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :],
+            )
+        else:
+            nonempty = l_i > 0.0
+            out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+            lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+            row = (b * Hq + heads) * NUM_SPLITS + split  # partials are [B, Hq, NUM_SPLITS, (D)]
+            tl.store(part_lse_ptr + row, lse, mask=g_ok)
+            tl.store(part_out_ptr + row[:, None] * D + offs_d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        part_out_ptr, part_lse_ptr, sinks_ptr, out_ptr,
+        stride_ob, stride_oh, stride_od, D, Hq,
+        NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_SINKS: tl.constexpr,
+    ):
+        """One (batch row, query head): merge the splits' partial outputs by log-sum-exp."""
+        bh = tl.program_id(0)
+        b = bh // Hq
+        h = bh % Hq
+        offs_s = tl.arange(0, BLOCK_SPLITS)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_ok = offs_s < NUM_SPLITS
+        d_ok = offs_d < D
+
+        lse = tl.load(part_lse_ptr + bh * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+        m_all = tl.max(lse, axis=0)  # finite: the split holding the query's own key is never empty
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+            m_all = tl.maximum(m_all, sink)
+        w = tl.exp2(lse - m_all)  # empty splits weigh exp2(-inf) = 0
+        denom = tl.sum(w, axis=0)
+        if HAS_SINKS:
+            denom += tl.exp2(sink - m_all)
+        parts = tl.load(
+            part_out_ptr + (bh * NUM_SPLITS + offs_s)[:, None] * D + offs_d[None, :],
+            mask=s_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        out = tl.sum(parts * w[:, None], axis=0) / denom
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
+                 out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+    @triton.jit
+    def _prefill_kernel(
+        q_ptr, k_ptr, v_ptr, pos_ptr, sinks_ptr, out_ptr,
+        stride_qb, stride_qt, stride_qh, stride_qd,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_ob, stride_ot, stride_oh, stride_od,
+        scale, softcap, window, S, T, D, Hq,
+        GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    ):
+        """One (block of BLOCK_M queries, batch row x query head): flash attention over the cache."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // Hq
+        h = bh % Hq
+        kv_head = h // GROUP
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < T
+        d_ok = offs_d < D
+        q_pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int32)
+        filled = tl.load(pos_ptr + T - 1).to(tl.int32) + 1  # keys 0..input_pos[-1] are in the cache
+
+        # The keys any query of this block can see: [lo, hi), cut to whole blocks.
+        hi = tl.minimum(filled, S)
+        if CAUSAL:
+            hi = tl.minimum(tl.max(tl.where(m_ok, q_pos, 0), axis=0) + 1, hi)
+        lo = hi * 0
+        if HAS_WINDOW:
+            first = tl.min(tl.where(m_ok, q_pos, 2147483647), axis=0)
+            lo = (tl.maximum(first - window + 1, 0) // BLOCK_N) * BLOCK_N
+
+        q = tl.load(
+            q_ptr + b * stride_qb + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd,
+            mask=m_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi
+            k_t = tl.load(
+                k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                mask=n_ok[None, :] & d_ok[:, None], other=0.0,
+            )
+            s = _scores_base2(_mma(q, k_t, DOT_PRECISION, DOT_UPCAST), scale, softcap, HAS_SOFTCAP)
+            visible = n_ok[None, :] & m_ok[:, None]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                visible = visible & (q_pos[:, None] - offs_n[None, :] < window)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row may see nothing in this block (window, causal edge, padding row):
+            # shift by 0 instead of -inf so exp2 gives 0 and never NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(
+                v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+            )
+            acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+            m_i = m_new
+
+        denom = l_i
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+            m_all = tl.maximum(m_i, sink)
+            acc = acc * tl.exp2(m_i - m_all)[:, None]
+            denom = l_i * tl.exp2(m_i - m_all) + tl.exp2(sink - m_all)
+        out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]  # padding rows: 0, not NaN (never stored)
+        tl.store(
+            out_ptr + b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
+            out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :],
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_num_splits(batch: int, kv_heads: int, cache_len: int, block_n: int, device: torch.device) -> int:
+    """How many KV splits a decode launch uses: enough programs to fill the GPU about twice,
+    never more splits than the cache has blocks. Depends only on shapes, so it is fixed
+    inside a captured CUDA graph."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 8
+    wanted = math.ceil(2 * sms / max(batch * kv_heads, 1))
+    return max(1, min(wanted, triton.cdiv(cache_len, block_n), 64))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs would otherwise go through TF32 tensor cores (10-bit mantissa).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    input_pos: torch.Tensor,
+    *,
+    scale: float,
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    causal: bool = True,
+    block_n: Optional[int] = None,
+    block_m: Optional[int] = None,
+    num_splits: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
+) -> torch.Tensor:
+    """Launch the Triton kernels (decode for T == 1, prefill otherwise).
+
+    The keyword tuning knobs (`block_n`, `block_m`, `num_splits`, `num_warps`,
+    `num_stages`) exist for benchmarks and tests; left out, shape-based defaults apply.
+    """
+    B, T, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty((B, T, Hq, D), dtype=q.dtype, device=q.device)
+    block_d = max(16, triton.next_power_of_2(D))
+    common = dict(
+        scale=float(scale),
+        softcap=float(softcap) if softcap is not None else 1.0,
+        window=int(window) if window is not None else 0,
+        S=S, D=D, Hq=Hq, GROUP=Hq // Hkv, BLOCK_D=block_d,
+        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
+    )
+    sinks_arg = sinks if sinks is not None else q  # never read when HAS_SINKS is False
+    if T == 1:
+        _launch_decode(q, k_cache, v_cache, input_pos, sinks_arg, out, common,
+                       block_n, num_splits, num_warps, num_stages)
+    else:
+        _launch_prefill(q, k_cache, v_cache, input_pos, sinks_arg, out, common, causal,
+                        block_m, block_n, num_warps, num_stages)
+    return out
+
+
+def _launch_decode(q, k_cache, v_cache, input_pos, sinks, out, common, block_n, num_splits, num_warps, num_stages):
+    B, _, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    block_n = block_n or 64
+    splits = num_splits or decode_num_splits(B, Hkv, S, block_n, q.device)
+    # The partials are small (B * Hq * splits * D floats); with one split they are not used.
+    part_out = torch.empty((B, Hq, splits, D) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((B, Hq, splits) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(B, Hkv, splits)](
+        q, k_cache, v_cache, input_pos, sinks, part_out, part_lse, out,
+        q.stride(0), q.stride(2), q.stride(3),
+        *k_cache.stride(), *v_cache.stride(),
+        out.stride(0), out.stride(2), out.stride(3),
+        NUM_SPLITS=splits, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=q.device.type != "cuda",
+        num_warps=num_warps or 4, num_stages=num_stages or 2,
+        **common,
+    )
+    if splits > 1:
+        _decode_reduce_kernel[(B * Hq,)](
+            part_out, part_lse, sinks, out,
+            out.stride(0), out.stride(2), out.stride(3), D, Hq,
+            NUM_SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits),
+            BLOCK_D=common["BLOCK_D"], HAS_SINKS=common["HAS_SINKS"],
+            num_warps=1 if D <= 64 else 2,
+        )
+
+
+def _launch_prefill(q, k_cache, v_cache, input_pos, sinks, out, common, causal, block_m, block_n, num_warps, num_stages):
+    B, T, Hq, D = q.shape
+    block_m = block_m or (64 if T >= 64 else 16)
+    block_n = block_n or 64
+    grid = (triton.cdiv(T, block_m), B * Hq)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, input_pos, sinks, out,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        T=T, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=q.device.type != "cuda",
+        num_warps=num_warps or 4, num_stages=num_stages or 2,
+        **common,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The public op
+# --------------------------------------------------------------------------------------
+def _check_shapes(q, k_cache, v_cache, input_pos, sinks, window):
+    """Shape errors that would otherwise read out of bounds (host metadata only: no sync)."""
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"attention wants q [B, T, Hq, D] and caches [Bmax, Hkv, S, D] of one shape; "
+            f"got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    B, T, Hq, D = q.shape
+    Bmax, Hkv, S, Dk = k_cache.shape
+    if Dk != D or B > Bmax or Hq % Hkv != 0:
+        raise ValueError(
+            f"attention: q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)} "
+            f"(head dim must match, batch <= cache rows, query heads a multiple of KV heads)")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"attention: q and the caches must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if input_pos.dim() != 1 or input_pos.numel() != T:
+        raise ValueError(f"attention: input_pos must be a 1-D tensor of T={T} positions, got {tuple(input_pos.shape)}")
+    if sinks is not None and sinks.numel() != Hq:
+        raise ValueError(f"attention: sinks must hold one logit per query head ({Hq}), got {tuple(sinks.shape)}")
+    if window is not None and window < 1:
+        raise ValueError(f"attention: window must be >= 1, got {window}")
+
+
+def _attention_impl(q, k_cache, v_cache, input_pos, scale, softcap, sinks, window, causal):
+    kwargs = dict(scale=scale, softcap=softcap, sinks=sinks, window=window, causal=causal)
+    if _HAVE_TRITON and use_triton(q, k_cache, v_cache, input_pos):
+        return attention_triton(q, k_cache, v_cache, input_pos, **kwargs)
+    return attention_reference(q, k_cache, v_cache, input_pos, **kwargs)
+
+
+@torch.library.custom_op("planlang::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    input_pos: torch.Tensor,
+    scale: float,
+    softcap: Optional[float],
+    sinks: Optional[torch.Tensor],
+    window: Optional[int],
+    causal: bool,
+) -> torch.Tensor:
+    return _attention_impl(q, k_cache, v_cache, input_pos, scale, softcap, sinks, window, causal)
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k_cache, v_cache, input_pos, scale, softcap, sinks, window, causal):
+    return q.new_empty(q.shape)  # contiguous, q's dtype: what both implementations return
+
+
+def attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    input_pos: torch.Tensor,
+    *,
+    scale: float,
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Attention of T new queries over a static KV cache; returns [B, T, Hq, D] in q's dtype.
+
+    q: [B, T, Hq, D] rotated queries at positions input_pos (LongTensor[T] on q's device,
+    contiguous positions shared by the batch). k_cache, v_cache: [Bmax, Hkv, S, D], rows
+    0..B-1 filled for positions 0..input_pos[-1]; everything else may hold garbage.
+    See the module docstring for the masks, soft-cap and sinks. Runs the Triton kernels on
+    CUDA (or under TRITON_INTERPRET=1), the float32 reference elsewhere; goes through the
+    custom op `torch.ops.planlang.attention`, so it survives torch.compile and CUDA-graph
+    capture (it never syncs with the host).
+    """
+    _check_shapes(q, k_cache, v_cache, input_pos, sinks, window)
+    return torch.ops.planlang.attention(
+        q, k_cache, v_cache, input_pos, float(scale),
+        None if softcap is None else float(softcap), sinks,
+        None if window is None else int(window), bool(causal),
+    )

@@ -1,0 +1,392 @@
+"""The fused RMSNorm(+residual), SwiGLU and QKV kernels against their references.
+
+Each Triton path is checked against its plain-PyTorch reference (same dtype, allclose) and
+against a float64 computation (norm-wise relative error), with a tolerance per dtype. On a
+machine without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set
+before the kernels are imported), so shapes stay tiny. Outputs are poisoned: every float
+tensor the launchers allocate starts as NaN, so an element a kernel fails to write fails.
+"""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():  # tests/conftest.py does the same; harmless twice
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from planlang.runtime.kernels import qkv as qkv_mod  # noqa: E402
+from planlang.runtime.kernels import rmsnorm_residual as norm_mod  # noqa: E402
+from planlang.runtime.kernels import swiglu as swiglu_mod  # noqa: E402
+from planlang.runtime.kernels.backend import interpreter_on, triton_available  # noqa: E402
+from planlang.runtime.kernels.qkv import SkinnyConfig  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_OK, TRITON_WHY = triton_available(DEVICE)
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason=TRITON_WHY)
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# dtype -> (max norm-wise relative error vs float64, rtol/atol vs the same-dtype reference)
+TOL = {
+    torch.float32: (2e-5, 1e-5),
+    torch.float16: (3e-3, 1e-2),
+    torch.bfloat16: (1.5e-2, 3e-2),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+@pytest.fixture
+def poisoned():
+    """Every float tensor made by torch.empty during the test starts as NaN."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real_empty
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float32, device=DEVICE) * scale).to(dtype)
+
+
+def rel_err(out: torch.Tensor, ref64: torch.Tensor) -> float:
+    return ((out.double() - ref64).norm() / ref64.norm()).item()
+
+
+def check(out, same_dtype_ref, ref64, dtype):
+    """out is finite, within the dtype's tolerance of the float64 result and of the
+    same-dtype reference."""
+    rel_tol, close_tol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == ref64.shape
+    assert torch.isfinite(out).all(), "unwritten (NaN) or overflowed elements"
+    assert rel_err(out, ref64) < rel_tol
+    scale = same_dtype_ref.float().abs().max().item()
+    torch.testing.assert_close(out, same_dtype_ref, rtol=close_tol, atol=close_tol * scale)
+
+
+def exact_rounding(dtype) -> bool:
+    """Whether float32 -> dtype casts round to nearest even: not bfloat16 under the
+    interpreter, which truncates."""
+    return not (dtype == torch.bfloat16 and interpreter_on() and DEVICE == "cpu")
+
+
+def rmsnorm64(s, w, eps, offset):
+    s64 = s.double()
+    return s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + eps) * (offset + w.double())
+
+
+def act64(g, act):
+    return F.silu(g) if act == "silu" else F.gelu(g, approximate="tanh")
+
+
+# ----------------------------------------------------------------------------- rmsnorm
+NORM_SHAPES = [(1, 64), (3, 40), (16, 100), (33, 48), (2, 3, 72)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_rmsnorm_residual_triton_matches_reference_and_float64(poisoned, dtype, shape):
+    x, r, w = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype), randn(shape[-1], dtype=dtype)
+    eps, offset = 1e-5, (1.0 if len(shape) == 3 else 0.0)
+    s, h = norm_mod.rmsnorm_residual_triton(x, r, w, eps, offset)
+    s_ref, h_ref = norm_mod.rmsnorm_residual_reference(x, r, w, eps, offset)
+    if exact_rounding(dtype):
+        assert torch.equal(s, x + r), "s must be exactly x + r in x's dtype"
+    else:
+        torch.testing.assert_close(s, s_ref, rtol=2 ** -7, atol=0)
+    check(h, h_ref, rmsnorm64(s_ref, w, eps, offset), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_alone_normalizes_x(poisoned, dtype):
+    x, w = randn(5, 56, dtype=dtype, scale=3.0), randn(56, dtype=dtype)
+    h = norm_mod.rmsnorm(x, w, 1e-6)
+    check(h, norm_mod.rmsnorm_reference(x, w, 1e-6), rmsnorm64(x, w, 1e-6, 0.0), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_residual_several_rows_per_program_masks_the_last_block(poisoned, dtype):
+    x, r, w = randn(33, 24, dtype=dtype), randn(33, 24, dtype=dtype), randn(24, dtype=dtype)
+    s, h = norm_mod.rmsnorm_residual_triton(x, r, w, 1e-6, rows_per_program=8)
+    s_ref, h_ref = norm_mod.rmsnorm_residual_reference(x, r, w, 1e-6)
+    check(h, h_ref, rmsnorm64(s_ref, w, 1e-6, 0.0), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_residual_wide_rows_take_the_looped_kernel(poisoned, dtype):
+    n = norm_mod.MAX_FUSED_BLOCK + 40  # not a multiple of the loop's chunk either
+    x, r, w = randn(2, n, dtype=dtype), randn(2, n, dtype=dtype), randn(n, dtype=dtype)
+    s, h = norm_mod.rmsnorm_residual_triton(x, r, w, 1e-6, 0.5)
+    s_ref, h_ref = norm_mod.rmsnorm_residual_reference(x, r, w, 1e-6, 0.5)
+    assert torch.isfinite(s).all()
+    check(h, h_ref, rmsnorm64(s_ref, w, 1e-6, 0.5), dtype)
+    h_alone = norm_mod.rmsnorm_residual_triton(x, None, w, 1e-6)[1]
+    check(h_alone, norm_mod.rmsnorm_reference(x, w, 1e-6), rmsnorm64(x, w, 1e-6, 0.0), dtype)
+
+
+@needs_triton
+def test_rmsnorm_residual_rejects_a_weight_of_the_wrong_size():
+    x = randn(2, 8)
+    with pytest.raises(ValueError, match="weight"):
+        norm_mod.rmsnorm_residual_triton(x, x, randn(9), 1e-6)
+
+
+# ----------------------------------------------------------------------------- act_mul / swiglu
+ACTS = ["silu", "gelu_tanh"]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", [(1, 96), (3, 80), (2, 5, 36)])
+def test_act_mul_matches_reference_and_float64(poisoned, dtype, act, shape):
+    gu = randn(*shape, dtype=dtype, scale=2.0)
+    out = swiglu_mod.act_mul_triton(gu, act)
+    g64, u64 = gu.double().chunk(2, dim=-1)
+    check(out, swiglu_mod.act_mul_reference(gu, act), act64(g64, act) * u64, dtype)
+
+
+def _swiglu_weights(f, d, dtype):
+    w1, w3 = randn(f, d, dtype=dtype, scale=d ** -0.5), randn(f, d, dtype=dtype, scale=d ** -0.5)
+    return w1, w3, swiglu_mod.build_w13(w1, w3)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+def test_swiglu_linear_matches_the_unfused_mlp(poisoned, dtype, act, m):
+    f, d = 40, 72  # neither a power of two
+    x = randn(m, d, dtype=dtype)
+    w1, w3, w13 = _swiglu_weights(f, d, dtype)
+    out = swiglu_mod.swiglu_linear_triton(x, w13, act)
+    ref64 = act64(x.double() @ w1.double().T, act) * (x.double() @ w3.double().T)
+    check(out, swiglu_mod.swiglu_linear_reference(x, w13, act), ref64, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_swiglu_skinny_kernel_with_forced_split_k(poisoned, dtype, split_k):
+    x = randn(2, 1, 100, dtype=dtype)  # leading dims are kept
+    w1, w3, w13 = _swiglu_weights(24, 100, dtype)
+    out = swiglu_mod.swiglu_skinny_triton(x, w13, "silu", config=SkinnyConfig(16, 32, split_k))
+    ref64 = act64(x.double() @ w1.double().T, "silu") * (x.double() @ w3.double().T)
+    assert out.shape == (2, 1, 24)
+    check(out, swiglu_mod.swiglu_linear_reference(x, w13, "silu"), ref64, dtype)
+
+
+def test_act_mul_rejects_an_unknown_activation():
+    with pytest.raises(ValueError, match="unknown activation"):
+        swiglu_mod.act_mul(randn(2, 8), "relu")
+
+
+def test_build_w13_stacks_gate_over_up_and_rejects_mismatched_halves():
+    w1, w3 = randn(6, 4), randn(6, 4)
+    w13 = swiglu_mod.build_w13(w1, w3)
+    assert torch.equal(w13[:6], w1) and torch.equal(w13[6:], w3) and w13.is_contiguous()
+    with pytest.raises(ValueError, match="differ"):
+        swiglu_mod.build_w13(w1, randn(5, 4))
+
+
+# ----------------------------------------------------------------------------- qkv / linear
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_qkv_linear_matches_three_linears(poisoned, dtype, m, with_bias):
+    d, q_size, kv_size = 72, 48, 24
+    ws = [randn(n, d, dtype=dtype, scale=d ** -0.5) for n in (q_size, kv_size, kv_size)]
+    bs = [randn(n, dtype=dtype) for n in (q_size, kv_size, kv_size)] if with_bias else [None] * 3
+    w_qkv, b_qkv = qkv_mod.build_w_qkv(*ws, *bs)
+    x = randn(m, d, dtype=dtype)
+    q, k, v = qkv_mod.qkv_linear(x, w_qkv, q_size, kv_size, b_qkv)
+    assert q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr(), "views of one GEMM"
+    ref_q, ref_k, ref_v = qkv_mod.qkv_linear_reference(x, w_qkv, q_size, kv_size, b_qkv)
+    for out, ref, w, b in zip((q, k, v), (ref_q, ref_k, ref_v), ws, bs):
+        ref64 = x.double() @ w.double().T + (b.double() if b is not None else 0.0)
+        check(out, ref, ref64, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", [SkinnyConfig(16, 32, 1), SkinnyConfig(32, 16, 4), SkinnyConfig(64, 64, 2)])
+def test_skinny_linear_configs_agree(poisoned, dtype, config):
+    x, w, b = randn(5, 136, dtype=dtype), randn(40, 136, dtype=dtype, scale=136 ** -0.5), randn(40, dtype=dtype)
+    out = qkv_mod.linear_triton(x, w, b, config=config)
+    check(out, qkv_mod.linear_reference(x, w, b), x.double() @ w.double().T + b.double(), dtype)
+
+
+def test_skinny_config_fills_the_gpu_and_respects_shared_memory():
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sms = qkv_mod._sm_count(dev)
+    for n, k, tiles in [(3072, 2048, 1), (2048, 8192, 1), (8192, 2048, 2), (128256, 2048, 1)]:
+        cfg = qkv_mod.skinny_config(n, k, 2, dev, tiles)
+        programs = math.ceil(n / cfg.block_n) * cfg.split_k
+        assert programs >= sms, (n, k, cfg)
+        stage = (tiles * cfg.block_n + 16) * cfg.block_k * 2
+        assert stage * cfg.num_stages <= qkv_mod._SMEM_BUDGET or cfg.num_stages == 2
+
+
+@needs_triton
+def test_skinny_linear_refuses_more_than_16_rows():
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        qkv_mod.linear_triton(randn(17, 8), randn(4, 8))
+
+
+def test_build_w_qkv_fills_missing_biases_with_zeros():
+    wq, wk, wv = randn(8, 4), randn(2, 4), randn(2, 4)
+    w, b = qkv_mod.build_w_qkv(wq, wk, wv, bq=randn(8))
+    assert w.shape == (12, 4) and torch.equal(w[8:10], wk)
+    assert b.shape == (12,) and torch.equal(b[8:], torch.zeros(4, device=DEVICE))
+    assert qkv_mod.build_w_qkv(wq, wk, wv)[1] is None
+    with pytest.raises(ValueError, match="k and v"):
+        qkv_mod.build_w_qkv(wq, wk, randn(3, 4))
+
+
+# ----------------------------------------------------------------------------- custom ops
+def _op_cases():
+    x = randn(2, 3, 16)
+    return {
+        "rmsnorm_residual": (torch.ops.planlang.rmsnorm_residual.default, (x, randn(2, 3, 16), randn(16), 1e-6, 1.0)),
+        "rmsnorm": (torch.ops.planlang.rmsnorm.default, (x, randn(16), 1e-6, 0.0)),
+        "act_mul": (torch.ops.planlang.act_mul.default, (randn(3, 16), "gelu_tanh")),
+        "swiglu_linear": (torch.ops.planlang.swiglu_linear.default, (x, randn(24, 16), "silu")),
+        "linear": (torch.ops.planlang.linear.default, (x, randn(24, 16), randn(24))),
+        "qkv_linear": (torch.ops.planlang.qkv_linear.default, (x, randn(24, 16), None)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_op_cases()))
+def test_custom_op_passes_opcheck(name):
+    op, args = _op_cases()[name]
+    torch.library.opcheck(op, args)
+
+
+def test_fake_implementations_give_the_real_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 16, dtype=torch.bfloat16)
+        s, h = torch.ops.planlang.rmsnorm_residual(x, x, torch.empty(16), 1e-6)
+        out = torch.ops.planlang.swiglu_linear(x, torch.empty(40, 16, dtype=torch.bfloat16), "silu")
+        fused = torch.ops.planlang.qkv_linear(x, torch.empty(24, 16, dtype=torch.bfloat16), None)
+    assert s.shape == h.shape == (2, 3, 16) and h.dtype == torch.bfloat16
+    assert out.shape == (2, 3, 20) and out.dtype == torch.bfloat16
+    assert fused.shape == (2, 3, 24)
+
+
+def test_registering_an_op_twice_reuses_the_first():
+    again = norm_mod._register("rmsnorm", norm_mod._rmsnorm_op, norm_mod._rmsnorm_fake)
+    assert again is torch.ops.planlang.rmsnorm.default
+
+
+@pytest.fixture
+def reference_only(monkeypatch):
+    """The public ops take their reference path, as on a CPU without the interpreter."""
+    for mod in (norm_mod, swiglu_mod, qkv_mod):
+        monkeypatch.setattr(mod, "use_triton", lambda *tensors: False)
+
+
+def _block(x, r, w, w_qkv, w13):
+    s, h = torch.ops.planlang.rmsnorm_residual(x, r, w, 1e-6)
+    q, k, v = qkv_mod.qkv_linear_op(h, w_qkv, 16, 8)
+    return s + torch.ops.planlang.swiglu_linear(h, w13, "silu"), q * 2, k + v
+
+
+def test_custom_ops_compile_with_fullgraph_and_no_graph_break(reference_only):
+    args = (randn(2, 3, 16), randn(2, 3, 16), randn(16), randn(32, 16), randn(32, 16))
+    torch._dynamo.reset()
+    compiled = torch.compile(_block, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(*args), _block(*args)):
+        torch.testing.assert_close(got, want)
+
+
+def test_public_ops_fall_back_to_the_reference_without_triton(reference_only):
+    x, r, w = randn(3, 8), randn(3, 8), randn(8)
+    assert torch.equal(norm_mod.rmsnorm_residual(x, r, w, 1e-6)[1],
+                       norm_mod.rmsnorm_residual_reference(x, r, w, 1e-6)[1])
+    w13 = randn(12, 8)
+    assert torch.equal(swiglu_mod.swiglu_linear(x, w13, "gelu_tanh"),
+                       swiglu_mod.swiglu_linear_reference(x, w13, "gelu_tanh"))
+
+
+# ----------------------------------------------------------------------------- GPU, real shapes
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("rows,hidden", [(257, 2048), (64, 4096), (31, 8192), (5, 12288)])
+def test_gpu_rmsnorm_residual_at_model_sizes(poisoned, rows, hidden):
+    dtype = torch.bfloat16
+    x, r, w = randn(rows, hidden, dtype=dtype), randn(rows, hidden, dtype=dtype), randn(hidden, dtype=dtype)
+    s, h = norm_mod.rmsnorm_residual(x, r, w, 1e-5, 1.0)
+    s_ref, h_ref = norm_mod.rmsnorm_residual_reference(x, r, w, 1e-5, 1.0)
+    assert torch.equal(s, s_ref)
+    check(h, h_ref, rmsnorm64(s_ref, w, 1e-5, 1.0), dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 4, 16, 2048])
+def test_gpu_swiglu_and_qkv_at_llama_1b_shapes(poisoned, m):
+    dtype, d, f, q_size, kv_size = torch.bfloat16, 2048, 8192, 2048, 512
+    x = randn(m, d, dtype=dtype)
+    w1, w3, w13 = _swiglu_weights(f, d, dtype)
+    ref64 = act64(x.double() @ w1.double().T, "silu") * (x.double() @ w3.double().T)
+    check(swiglu_mod.swiglu_linear(x, w13, "silu"), swiglu_mod.swiglu_linear_reference(x, w13), ref64, dtype)
+    ws = [randn(n, d, dtype=dtype, scale=d ** -0.5) for n in (q_size, kv_size, kv_size)]
+    w_qkv, _ = qkv_mod.build_w_qkv(*ws)
+    for out, w in zip(qkv_mod.qkv_linear(x, w_qkv, q_size, kv_size), ws):
+        check(out, F.linear(x, w), x.double() @ w.double().T, dtype)
+
+
+@gpu
+@needs_cuda
+def test_gpu_ops_replay_in_a_cuda_graph():
+    dtype, d, f = torch.bfloat16, 2048, 8192
+    x, r, w = randn(4, d, dtype=dtype), randn(4, d, dtype=dtype), randn(d, dtype=dtype)
+    w13 = randn(2 * f, d, dtype=dtype, scale=d ** -0.5)
+    w_qkv = randn(3072, d, dtype=dtype, scale=d ** -0.5)
+
+    def step():
+        s, h = torch.ops.planlang.rmsnorm_residual(x, r, w, 1e-5)
+        return s, torch.ops.planlang.swiglu_linear(h, w13, "silu"), qkv_mod.qkv_linear_op(h, w_qkv, 2048, 512)[0]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    x.copy_(randn(4, d, dtype=dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(outs, step()):
+        torch.testing.assert_close(got, want)
+
+
+@gpu
+@needs_cuda
+def test_gpu_custom_ops_survive_inductor():
+    args = (randn(2, 3, 16, dtype=torch.bfloat16), randn(2, 3, 16, dtype=torch.bfloat16), randn(16),
+            randn(32, 16, dtype=torch.bfloat16), randn(32, 16, dtype=torch.bfloat16))
+    torch._dynamo.reset()
+    compiled = torch.compile(_block, fullgraph=True)
+    for got, want in zip(compiled(*args), _block(*args)):
+        torch.testing.assert_close(got, want)
