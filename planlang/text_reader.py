@@ -36,7 +36,8 @@ def grammar_text() -> str:
 @functools.lru_cache(maxsize=1)
 def keywords() -> tuple[str, ...]:
     """Every keyword of the grammar, in the order the grammar first uses it."""
-    found = re.findall(r'"([A-Za-z_][A-Za-z0-9_]*)"', grammar_text())
+    rules = re.sub(r"//[^\n]*", "", grammar_text())  # examples in comments are not keywords
+    found = re.findall(r'"([A-Za-z_][A-Za-z0-9_]*)"', rules)
     return tuple(dict.fromkeys(found))
 
 
@@ -70,6 +71,7 @@ def read_text(text: str, file: str = "<plan>") -> tuple[dict, SourceMap]:
 
     Raises `SourceError` (PL101 syntax, PL102 duplicate) and nothing else for any input.
     """
+    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the first line
     source = SourceMap(file=file, text=text)
     tree = _parse(text if text.endswith("\n") else text + "\n")
     builder = _Builder(source)
@@ -108,27 +110,23 @@ def _accepts(interactive, exc: UnexpectedInput) -> set[str]:
         return set(getattr(exc, "expected", None) or getattr(exc, "allowed", None) or ())
 
 
-_NOT_GLUE = " \t\f\r\n#,=()"
-
-
 def _refuse_glued_keyword(token: Token, previous: Token | None, text: str, interactive) -> None:
     """`fuser` would lex as `fuse r`, `prefetch1` as `prefetch 1`: a keyword must end a word."""
     word = _literal(token.type)
     if word is None or not word[0].isalpha():
         return
     end = token.end_pos
-    if end >= len(text) or text[end] in _NOT_GLUE or text[end].isspace():
+    if end >= len(text) or text[end].isspace() or text[end] in "#,=()":
         return
     whole = re.match(r"[^\s#,=()]+", text[token.start_pos:]).group(0)
     span = Span(token.line, token.column, token.line, token.column + len(whole))
+    rest = whole[len(word):]
+    if not (rest[0].isalpha() or rest[0] == "_"):  # `prefetch1`, `at**`, `extends"base.plan"`
+        raise SourceError("PL101", f"missing space after '{word}'", span, f"did you mean '{word} {rest}'?")
     if _at_statement_start(previous):
         raise _unknown_statement(whole, span)
-    rest = whole[len(word):]
     guess = difflib.get_close_matches(whole, _keyword_names(interactive.accepts()), n=1, cutoff=0.6)
-    if guess and not rest[:1].isdigit():
-        hint = f"did you mean '{guess[0]}'?"
-    else:
-        hint = f"did you mean '{word} {rest}'? (a space separates a keyword from what follows)"
+    hint = f"did you mean '{guess[0] if guess else word + ' ' + rest}'?"
     raise SourceError("PL101", f"unknown word '{_short(whole)}'{_after(previous)}", span, hint)
 
 
@@ -195,14 +193,20 @@ def _after(previous: Token | None) -> str:
 
 def _syntax_error(exc: UnexpectedInput, text: str, previous: Token | None, expected: set[str]) -> SourceError:
     found, span, start = _found(exc, text)
+    if isinstance(exc, UnexpectedCharacters) and (text[start].isspace() or not text[start].isprintable()):
+        # a no-break space pasted from a web page, a stray control character
+        return SourceError("PL101", f"unexpected character U+{ord(text[start]):04X}",
+                           Span.point(span.line, span.column),
+                           "words are separated by plain spaces or tabs; retype this one")
     if _at_statement_start(previous) and found not in ("end of line", "end of file"):
-        word = re.match(r"[^\s#]*", text[start:]).group(0) or found
-        return _unknown_statement(word.strip("'"), Span(span.line, span.column, span.line, span.column + max(len(word), 1)))
-    if found.startswith('"'):
+        word = re.match(r"[^\s#]*", text[start:]).group(0) or text[start]
+        return _unknown_statement(word, Span(span.line, span.column, span.line, span.column + len(word)))
+    if isinstance(exc, UnexpectedCharacters) and text[start] == '"':
         return SourceError("PL101", "a quoted string is not closed on its line", span,
                            'end it with " (write \\" for a quote inside it)')
     message = f"expected {_describe_expected(expected)}{_after(previous)}, found {found}"
-    return SourceError("PL101", message, span, _hint(found, start, previous, expected, text))
+    hint = _hint(found, start, previous, expected, text) or _example_hint(text, start)
+    return SourceError("PL101", message, span, hint)
 
 
 def _found(exc: UnexpectedInput, text: str) -> tuple[str, Span, int]:
@@ -213,15 +217,16 @@ def _found(exc: UnexpectedInput, text: str) -> tuple[str, Span, int]:
             line = getattr(token, "line", None) or text.count("\n")
             column = getattr(token, "column", None) or 1
             return _TERMINAL_WORDS[token.type], Span.point(line, column), token.start_pos or len(text)
-        start = token.start_pos
-    elif isinstance(exc, UnexpectedCharacters):
-        start = exc.pos_in_stream
-    else:  # UnexpectedEOF
+        span = Span(token.line, token.column, token.end_line, token.end_column)
+        shown = _short(str(token)) if token.type == "STRING" else f"'{_short(str(token))}'"
+        return shown, span, token.start_pos
+    if not isinstance(exc, UnexpectedCharacters):  # UnexpectedEOF: the text always ends a line
         line = text.count("\n")
         return "end of file", Span.point(max(line, 1), 1), len(text)
+    start = exc.pos_in_stream
     line = text.count("\n", 0, start) + 1
     column = start - (text.rfind("\n", 0, start) + 1) + 1
-    if text[start] == '"':
+    if text[start] == '"':  # an unterminated string
         return '"', Span.point(line, column), start
     run = re.match(r"[^\s#,=(){}:]+|.", text[start:]).group(0)
     return f"'{_short(run)}'", Span(line, column, line, column + len(run)), start
@@ -229,7 +234,8 @@ def _found(exc: UnexpectedInput, text: str) -> tuple[str, Span, int]:
 
 def _hint(found: str, start: int, previous: Token | None, expected: set[str], text: str) -> str | None:
     # A value glued to the one before it (`layers.*.{wq,wk}`, `2025-01-01`) wanted quotes.
-    if previous is not None and previous.type in ("SELECTOR", "WORD", "NUMBER") and previous.end_pos == start:
+    glued = previous is not None and previous.end_pos == start and not found.endswith(("of line", "of file"))
+    if glued and previous.type in ("SELECTOR", "WORD", "NUMBER"):
         whole = re.match(r"[^\s#]+", text[previous.start_pos:]).group(0)
         return f"a value holding spaces, '#', '=' or ',' is written in double quotes: {json.dumps(whole)}"
     if found.startswith("'") and found[1:2].isalpha():
@@ -238,12 +244,39 @@ def _hint(found: str, start: int, previous: Token | None, expected: set[str], te
         guess = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
         if guess:
             return f"did you mean '{guess[0]}'?"
-        glued = [k for k in names if word.startswith(k) and len(word) > len(k)]  # `tocpu`
-        if glued:
-            keyword = max(glued, key=len)
+        prefixes = [k for k in names if word.startswith(k) and len(word) > len(k)]  # `tocpu`
+        if prefixes:
+            keyword = max(prefixes, key=len)
             return f"did you mean '{keyword} {word[len(keyword):]}'?"
-    if found == "end of line" and "SELECTOR" in expected:
-        return "a selector names modules, e.g. layers.*.mlp or **:linear"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _examples() -> dict[tuple[str, ...], str]:
+    """Statement keyword(s) -> the example the grammar gives beside (or above) the rule."""
+    examples: dict[tuple[str, ...], str] = {}
+    above = None
+    for line in grammar_text().splitlines():
+        rule = re.match(r'\w+:\s*"(\w+)"(?:\s+"(\w+)")?[^/]*(?://\s*(.*))?$', line)
+        if rule:
+            first, second, beside = rule.groups()
+            example = re.sub(r"\s{2,}\(.*\)$", "", beside or above or "").strip()
+            if example.startswith(first + " "):
+                examples.setdefault((first,), example)  # the grammar lists the main form first
+                if second:
+                    examples.setdefault((first, second), example)
+        above = line[2:].strip() if line.startswith("//") else None
+    return examples
+
+
+def _example_hint(text: str, offset: int) -> str | None:
+    """For an error inside a statement: how that statement is written."""
+    line_start = text.rfind("\n", 0, offset) + 1
+    words = text[line_start:].split("\n", 1)[0].split()
+    examples = _examples()
+    for key in (tuple(words[:2]), tuple(words[:1])):
+        if key in examples:
+            return f"for example: {examples[key]}"
     return None
 
 
@@ -339,10 +372,7 @@ class _Builder:
     def _set(self, path: Path, scalar: Tree, keyword: Token | Tree | None, statement: Tree) -> None:
         value, span = _scalar(scalar)
         self._record(path, span, _span(keyword) if keyword is not None else None)
-        parent = self._section(path[:-1], statement, statement.children[0]) if len(path) > 1 else self.doc
-        if len(path) == 1:
-            self.source.values.setdefault((), _span(statement))
-        parent[path[-1]] = value
+        self._section(path[:-1], statement, statement.children[0])[path[-1]] = value
 
     def _statement_once(self, statement: Tree) -> None:
         keyword = statement.children[0]

@@ -57,7 +57,7 @@ def write_text(doc: dict) -> str:
 
 # ----------------------------------------------------------------------------- values
 
-def value(v: Any, head: bool = False) -> str:
+def format_value(v: Any, head: bool = False) -> str:
     """One value as the reader reads it back: a number, a bare word, or a quoted string.
 
     `head`: the value stands right after a list statement's keyword, where `none` is a keyword.
@@ -77,7 +77,7 @@ def value(v: Any, head: bool = False) -> str:
     raise ValueError(f"{v!r} has no text form where a single value goes")
 
 
-def selector(s: Any) -> str:
+def format_selector(s: Any) -> str:
     """A selector, bare when it lexes as one bare selector, else in double quotes."""
     if not isinstance(s, str):
         raise ValueError(f"selector {s!r} is not a string")
@@ -103,7 +103,7 @@ def _present(mapping: dict, key: str) -> bool:
     return mapping.get(key) is not None
 
 
-def _clauses(mapping: dict, keys: tuple[str, ...], write: Callable[[Any], str] = value) -> str:
+def _clauses(mapping: dict, keys: tuple[str, ...], write: Callable[[Any], str] = format_value) -> str:
     """` key value` for each key present (the clause keyword is the document key)."""
     return "".join(f" {key} {write(mapping[key])}" for key in keys if _present(mapping, key))
 
@@ -113,7 +113,7 @@ def _flag(mapping: dict, key: str) -> str:
     if not _present(mapping, key):
         return ""
     v = mapping[key]
-    return f" {key}" if v is True else f" {key} {value(v)}"
+    return f" {key}" if v is True else f" {key} {format_value(v)}"
 
 
 def _items(items: Any, write: Callable[[Any], str], where: str) -> list:
@@ -127,19 +127,19 @@ def _items(items: Any, write: Callable[[Any], str], where: str) -> list:
 def _header(doc: dict) -> list[str]:
     lines = []
     if _present(doc, "planlang"):
-        lines.append(f"planlang {value(doc['planlang'])}")
+        lines.append(f"planlang {format_value(doc['planlang'])}")
     if _present(doc, "name"):
-        line = f"plan {value(doc['name'])}"
+        line = f"plan {format_value(doc['name'])}"
         if _present(doc, "target"):
-            line += f" on {value(doc['target'])}"
+            line += f" on {format_value(doc['target'])}"
         if _present(doc, "mode"):
-            line += f" for {value(doc['mode'])}"
+            line += f" for {format_value(doc['mode'])}"
         lines.append(line)
     else:
-        lines += [f"{key} {value(doc[key])}" for key in ("target", "mode") if _present(doc, key)]
+        lines += [f"{key} {format_value(doc[key])}" for key in ("target", "mode") if _present(doc, key)]
     if _present(doc, "extends"):
         lines.append(f"extends {json.dumps(doc['extends'], ensure_ascii=False)}"
-                     if isinstance(doc["extends"], str) else f"extends {value(doc['extends'])}")
+                     if isinstance(doc["extends"], str) else f"extends {format_value(doc['extends'])}")
     return lines
 
 
@@ -157,7 +157,7 @@ def _fusions(fusions: Any) -> list[str]:
                 run = []
             lines.append("fuse " + _fusion_item(item))
         else:
-            run.append(value(item, head=True))
+            run.append(format_value(item, head=True))
     if run:
         lines.append("fuse " + ", ".join(run))
     return lines
@@ -167,12 +167,12 @@ def _fusion_item(item: dict) -> str:
     if "kind" not in item:
         raise ValueError(f"fusion item {item!r} has no kind")
     options = [k for k in item if k not in ("kind", "at", "required") and item[k] is not None]
-    text = value(item["kind"], head=True)
+    text = format_value(item["kind"], head=True)
     if options or not (_present(item, "at") or item.get("required") is False):
         # `kind()` keeps {kind: k} a mapping, so that document reads back unchanged
         text += "(" + ", ".join(f"{_option_name(k)}={_option_value(item[k])}" for k in options) + ")"
     if _present(item, "at"):
-        text += f" at {selector(item['at'])}"
+        text += f" at {format_selector(item['at'])}"
     if item.get("required") is False:
         text += " optional"
     elif item.get("required") not in (None, True):
@@ -191,8 +191,8 @@ def _option_value(v: Any) -> str:
         if len(v) != 1:
             raise ValueError(f"option value {v!r} has no text form (one key, as sliding_window(N))")
         (name, inner), = v.items()
-        return f"{_option_name(name)}({value(inner)})"
-    return value(v)
+        return f"{_option_name(name)}({format_value(inner)})"
+    return format_value(v)
 
 
 def _graphs(graphs: Any) -> list[str]:
@@ -201,7 +201,7 @@ def _graphs(graphs: Any) -> list[str]:
     _known(graphs, ("capture", "buckets", "over_max", "warmup"), "graphs")
     line = "capture"
     if _present(graphs, "capture"):
-        line += f" {value(graphs['capture'])}"
+        line += f" {format_value(graphs['capture'])}"
     if _present(graphs, "buckets"):
         line += " buckets" + _buckets(graphs["buckets"])
     line += _clauses(graphs, ("over_max", "warmup"))
@@ -214,7 +214,7 @@ def _buckets(buckets: Any) -> str:
     for b in _items(buckets, lambda x: x, "graphs.buckets"):
         if isinstance(b, bool) or not isinstance(b, (int, float)):
             raise ValueError(f"bucket {b!r} has no text form (buckets are numbers)")
-    return (" " + ",".join(value(b) for b in buckets)) if buckets else ""
+    return (" " + ",".join(format_value(b) for b in buckets)) if buckets else ""
 
 
 def _compile(section: Any) -> list[str]:
@@ -223,7 +223,7 @@ def _compile(section: Any) -> list[str]:
     _known(section, ("mode", "fullgraph", "dynamic"), "compile")
     line = "compile"
     if _present(section, "mode"):
-        line += f" {value(section['mode'])}"
+        line += f" {format_value(section['mode'])}"
     line += _flag(section, "fullgraph") + _flag(section, "dynamic")
     return [line] if line != "compile" else []
 
@@ -242,11 +242,11 @@ def _precision(precision: Any) -> list[str]:
     _known(precision, ("default", "accumulate", "preset", "rules"), "precision")
     lines = []
     if _present(precision, "default"):
-        lines.append(f"dtype default {value(precision['default'])}" + _clauses(precision, ("accumulate",)))
+        lines.append(f"dtype default {format_value(precision['default'])}" + _clauses(precision, ("accumulate",)))
     elif _present(precision, "accumulate"):
-        lines.append(f"dtype accumulate {value(precision['accumulate'])}")
+        lines.append(f"dtype accumulate {format_value(precision['accumulate'])}")
     if _present(precision, "preset"):
-        lines.append(f"dtype preset {value(precision['preset'])}")
+        lines.append(f"dtype preset {format_value(precision['preset'])}")
     rules = precision.get("rules")
     if rules == []:
         lines.append("dtype none")
@@ -259,7 +259,7 @@ def _precision_rule(rule: Any) -> str:
     _known(rule, ("at", "dtype", "scaling", "block_size", "activations", "emulate"), "a precision rule")
     if not (_present(rule, "at") and _present(rule, "dtype")):
         raise ValueError(f"precision rule {rule!r} needs `at` and `dtype` in the text form")
-    return (f"dtype {selector(rule['at'])} = {value(rule['dtype'])}"
+    return (f"dtype {format_selector(rule['at'])} = {format_value(rule['dtype'])}"
             + _clauses(rule, ("scaling", "block_size", "activations")) + _flag(rule, "emulate"))
 
 
@@ -279,14 +279,14 @@ def _memory(memory: Any) -> list[str]:
 
 def _offload_rule(rule: Any) -> str:
     _known(rule, ("at", "to", "prefetch"), "an offload rule")
-    return f"offload {selector(rule.get('at'))}" + _clauses(rule, ("to", "prefetch"))
+    return f"offload {format_selector(rule.get('at'))}" + _clauses(rule, ("to", "prefetch"))
 
 
 def _recompute_rule(rule: Any) -> str:
     _known(rule, ("at", "policy", "save"), "a recompute rule")
-    line = f"recompute {selector(rule.get('at'))}" + _clauses(rule, ("policy",))
+    line = f"recompute {format_selector(rule.get('at'))}" + _clauses(rule, ("policy",))
     if _present(rule, "save"):
-        ops = _items(rule["save"], lambda op: value(op, head=True), "recompute save")
+        ops = _items(rule["save"], lambda op: format_value(op, head=True), "recompute save")
         line += " save " + (", ".join(ops) if ops else "none")
     return line
 
@@ -297,7 +297,7 @@ def _parallel(parallel: Any) -> list[str]:
     _known(parallel, ("tensor", "sequence", "styles"), "parallel")
     lines = []
     if _present(parallel, "tensor"):
-        lines.append(f"parallel tensor {value(parallel['tensor'])}" + _flag(parallel, "sequence"))
+        lines.append(f"parallel tensor {format_value(parallel['tensor'])}" + _flag(parallel, "sequence"))
     elif _present(parallel, "sequence"):
         lines.append("parallel" + _flag(parallel, "sequence"))
     styles = parallel.get("styles")
@@ -310,7 +310,7 @@ def _parallel(parallel: Any) -> list[str]:
 
 def _style(style: Any) -> str:
     _known(style, ("at", "style"), "a parallel style")
-    return f"parallel style {selector(style.get('at'))} {value(style.get('style'))}"
+    return f"parallel style {format_selector(style.get('at'))} {format_value(style.get('style'))}"
 
 
 def _provenance(provenance: Any) -> list[str]:
@@ -324,8 +324,8 @@ def _provenance(provenance: Any) -> list[str]:
         if v is None:
             continue
         if isinstance(v, dict):
-            pairs = ", ".join(f"{_key(k)}: {value(x)}" for k, x in v.items() if x is not None)
+            pairs = ", ".join(f"{_key(k)}: {format_value(x)}" for k, x in v.items() if x is not None)
             lines.append(f"provenance {_key(key)} {{{pairs}}}")
         else:
-            lines.append(f"provenance {_key(key)} {value(v)}")
+            lines.append(f"provenance {_key(key)} {format_value(v)}")
     return lines

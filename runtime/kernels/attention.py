@@ -185,7 +185,7 @@ if _HAVE_TRITON:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(
                 v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+                mask=d_ok[None, :], other=0.0,
             )
             acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
             m_i = m_new
@@ -313,7 +313,7 @@ if _HAVE_TRITON:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(
                 v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+                mask=d_ok[None, :], other=0.0,
             )
             acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
             m_i = m_new
@@ -370,15 +370,18 @@ def attention_triton(
     num_splits: Optional[int] = None,
     num_warps: Optional[int] = None,
     num_stages: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Launch the Triton kernels (decode for T == 1, prefill otherwise).
+    """Launch the Triton kernels (decode for T == 1, prefill otherwise); returns `out`
+    ([B, T, Hq, D], any strides; allocated when not given).
 
     The keyword tuning knobs (`block_n`, `block_m`, `num_splits`, `num_warps`,
     `num_stages`) exist for benchmarks and tests; left out, shape-based defaults apply.
     """
     B, T, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    out = torch.empty((B, T, Hq, D), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((B, T, Hq, D), dtype=q.dtype, device=q.device)
     block_d = max(16, triton.next_power_of_2(D))
     common = dict(
         scale=float(scale),

@@ -103,9 +103,7 @@ if triton is not None:
             offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            # The weight is streamed once: don't let it push x out of L2.
-            wt = tl.load(w_cols + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0,
-                         eviction_policy="evict_first")
+            wt = tl.load(w_cols + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if UPCAST:  # see `dot_needs_upcast`
                 xt = xt.to(tl.float32)
                 wt = wt.to(tl.float32)

@@ -265,11 +265,14 @@ if _HAVE_TRITON:
             e = tl.where(x >= cutoff[:, None], tl.exp2(x - m[:, None]), 0.0)
             block_mass = tl.sum(e, axis=1)
             crossing = (found < 0) & (run + block_mass >= target)
+            block_last = tl.max(tl.where(e > 0.0, cols[None, :], -1), axis=1)
             if tl.max(crossing.to(tl.int32), axis=0) > 0:  # the scan runs in one block per row only
                 reached = (run[:, None] + tl.cumsum(e, axis=1) >= target[:, None]) & (e > 0.0)
                 first = tl.min(tl.where(reached, cols[None, :], 2147483647), axis=1)
-                found = tl.where(crossing & (first < 2147483647), first, found)
-            last = tl.maximum(last, tl.max(tl.where(e > 0.0, cols[None, :], -1), axis=1))
+                # The scan and the block sum round differently: a miss by a rounding error
+                # at the end of the block takes the block's last survivor.
+                found = tl.where(crossing, tl.where(first < 2147483647, first, block_last), found)
+            last = tl.maximum(last, block_last)
             run += block_mass
         pos = tl.where(found >= 0, found, last)
         if FROM_CANDIDATES:
@@ -392,9 +395,11 @@ def sample_triton(
     search_block: Optional[int] = None,
     pivots: int = 8,
     num_warps: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Launch the fused sampling kernel; returns LongTensor[B]. Tuning knobs are for tests
-    and benchmarks; left out, defaults fit a GPU (one row per program) or the interpreter."""
+    """Launch the fused sampling kernel; returns `out`, LongTensor[B] (allocated when not
+    given). Tuning knobs are for tests and benchmarks; left out, defaults fit a GPU (one
+    row per program) or the interpreter."""
     B, V = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -407,7 +412,8 @@ def sample_triton(
     use_k = top_k is not None and 0 < top_k < V
     use_p = top_p is not None and top_p < 1.0
     greedy = temperature == 0
-    out = torch.empty(B, dtype=torch.long, device=logits.device)
+    if out is None:
+        out = torch.empty(B, dtype=torch.long, device=logits.device)
     if (use_k or use_p) and not greedy:
         # Scratch rows for the candidates; capacity V, so the whole-row fallback always fits.
         cand_val = torch.empty((B, V), dtype=torch.float32, device=logits.device)

@@ -136,8 +136,8 @@ if triton is not None:
             k_mask = offs_k < K
             w_mask = k_mask[:, None] & n_mask[None, :]
             xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            wg = tl.load(w_gate + offs_k[:, None], mask=w_mask, other=0.0, eviction_policy="evict_first")
-            wu = tl.load(w_up + offs_k[:, None], mask=w_mask, other=0.0, eviction_policy="evict_first")
+            wg = tl.load(w_gate + offs_k[:, None], mask=w_mask, other=0.0)
+            wu = tl.load(w_up + offs_k[:, None], mask=w_mask, other=0.0)
             if UPCAST:  # the interpreter's bf16 dot is wrong: see qkv.dot_needs_upcast
                 xt = xt.to(tl.float32)
                 wg = wg.to(tl.float32)

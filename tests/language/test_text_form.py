@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from planlang import names
 from planlang.source import SourceError, Span
 from planlang.text_reader import _Builder, _parser, grammar_text, read_text, statement_keywords
-from planlang.text_writer import selector, value, write_text
+from planlang.text_writer import format_selector, format_value, write_text
 
 SPEC_9 = """\
 planlang 1
@@ -141,14 +141,18 @@ STATEMENTS = [
     ("limits max_batch 8", {"limits": {"max_batch": 8}}),
     ("limits max_seq_len 128\nlimits max_batch 8", {"limits": {"max_seq_len": 128, "max_batch": 8}}),
     ("dtype default fp16", {"precision": {"default": "fp16"}}),
-    ("dtype accumulate fp32\ndtype preset fp8_dynamic", {"precision": {"accumulate": "fp32", "preset": "fp8_dynamic"}}),
+    ("dtype accumulate fp32\ndtype preset fp8_dynamic",
+     {"precision": {"accumulate": "fp32", "preset": "fp8_dynamic"}}),
     ("dtype **:linear = fp8_e4m3 scaling block block_size 64 activations per_block emulate",
      {"precision": {"rules": [{"at": "**:linear", "dtype": "fp8_e4m3", "scaling": "block", "block_size": 64,
                                "activations": "per_block", "emulate": True}]}}),
-    ('dtype "layers.*.attn.{wq,wk,wv}" = bf16', {"precision": {"rules": [{"at": "layers.*.attn.{wq,wk,wv}", "dtype": "bf16"}]}}),
-    (r"dtype re:layers\.\d+\.mlp = fp32", {"precision": {"rules": [{"at": r"re:layers\.\d+\.mlp", "dtype": "fp32"}]}}),
+    ('dtype "layers.*.attn.{wq,wk,wv}" = bf16',
+     {"precision": {"rules": [{"at": "layers.*.attn.{wq,wk,wv}", "dtype": "bf16"}]}}),
+    (r"dtype re:layers\.\d+\.mlp = fp32",
+     {"precision": {"rules": [{"at": r"re:layers\.\d+\.mlp", "dtype": "fp32"}]}}),
     ("dtype none", {"precision": {"rules": []}}),
-    ("offload layers[16:32] to cpu prefetch 2", {"memory": {"offload": [{"at": "layers[16:32]", "to": "cpu", "prefetch": 2}]}}),
+    ("offload layers[16:32] to cpu prefetch 2",
+     {"memory": {"offload": [{"at": "layers[16:32]", "to": "cpu", "prefetch": 2}]}}),
     ("offload embed", {"memory": {"offload": [{"at": "embed"}]}}),
     ("recompute layers.* policy selective save linear, matmul",
      {"memory": {"recompute": [{"at": "layers.*", "policy": "selective", "save": ["linear", "matmul"]}]}}),
@@ -166,7 +170,8 @@ STATEMENTS = [
      {"provenance": {"measured": {"1": 0.52, "16": 0.61}, "baseline": {"eager": 1.5, "compile": 0.9}}}),
     ("provenance none", {"provenance": {}}),
     ("  # only a comment\n\n\n", {}),
-    ("fuse qkv   # trailing comment\r\ndtype default bf16\r\n", {"fusions": ["qkv"], "precision": {"default": "bf16"}}),
+    ("fuse qkv   # trailing comment\r\ndtype default bf16\r\n",
+     {"fusions": ["qkv"], "precision": {"default": "bf16"}}),
 ]
 
 
@@ -205,13 +210,13 @@ def test_a_keyword_is_read_as_a_selector_where_no_keyword_fits():
 @pytest.mark.parametrize("sel", ["layers.*.mlp:linear", "**:norm", "layers[16:32]", r"re:layers\.\d+\.attn",
                                  "model.layers.*.self_attn", "lm_head"])
 def test_plain_selectors_are_written_bare(sel):
-    assert selector(sel) == sel
+    assert format_selector(sel) == sel
 
 
 @pytest.mark.parametrize("sel", ["layers.*.attn.{wq,wk,wv}", "layers[0,2,4]", "a b", "x#y", "a=b", "default",
                                  "none", "", 'say "hi"', "caf\u00e9"])
 def test_selectors_that_would_not_lex_as_one_bare_selector_are_quoted(sel):
-    text = selector(sel)
+    text = format_selector(sel)
     assert text.startswith('"')
     assert read_text(f"offload {text}")[0]["memory"]["offload"][0]["at"] == sel
 
@@ -221,7 +226,7 @@ def test_selectors_that_would_not_lex_as_one_bare_selector_are_quoted(sel):
                                     ("true", '"true"'), ("2.11.0", '"2.11.0"'), ("a b", '"a b"'),
                                     ("capture", '"capture"')])
 def test_values_are_quoted_only_when_a_bare_word_would_read_differently(v, text):
-    assert value(v) == text
+    assert format_value(v) == text
 
 
 # ----------------------------------------------------------------------------- positions
@@ -303,6 +308,17 @@ def test_syntax_errors_say_in_words_what_was_found_and_expected(text, line, colu
     for word in words:
         assert word in err.message
     assert not LARK_INTERNALS.search(err.message)
+
+
+def test_a_pasted_no_break_space_is_named_by_its_code_point():
+    err = error_of("fuse qkv,\u00a0swiglu\n")
+    assert (err.code, err.span.column) == ("PL101", 10)
+    assert "U+00A0" in err.message
+
+
+def test_an_incomplete_statement_gets_an_example_of_it_as_hint():
+    err = error_of("parallel style layers.*.attn.wo\n")
+    assert err.hint.startswith("for example: parallel style ")
 
 
 def test_a_selector_holding_a_comma_gets_a_hint_to_quote_it():
@@ -486,7 +502,8 @@ _offload = st.fixed_dictionaries({"at": _selector}, optional={"to": st.sampled_f
 _recompute = st.fixed_dictionaries({"at": _selector}, optional={
     "policy": st.sampled_from(names.RECOMPUTE_POLICIES),
     "save": st.lists(st.one_of(st.sampled_from(names.OP_KINDS), _name), max_size=3)})
-_memory = _non_empty(_optional_keys(offload=st.lists(_offload, max_size=3), recompute=st.lists(_recompute, max_size=3)))
+_memory = _non_empty(_optional_keys(offload=st.lists(_offload, max_size=3),
+                                    recompute=st.lists(_recompute, max_size=3)))
 _parallel = _non_empty(_optional_keys(
     tensor=_positive, sequence=st.booleans(),
     styles=st.lists(st.fixed_dictionaries({"at": _selector, "style": st.sampled_from(names.PARALLEL_STYLES)}),

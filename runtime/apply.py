@@ -1,0 +1,295 @@
+"""`apply(model, plan)`: the fixed order in which a plan changes a model.
+
+1. resolve every rule's selector against `named_modules()`; a required rule that names
+   nothing fails here, before the model is touched;
+2. trace the forward once (Dynamo) on example inputs and find every fusion's sites; a
+   required fusion that finds no site fails here, still before the model is touched;
+3. build fused weights once (the parts become views of them: no second copy);
+4. rewrite each graph Dynamo hands us: fusion passes in `PASS_ORDER`, then the compile
+   section (Inductor, or the rewritten graph run as is);
+5. report: for each rule, the places it took and the kernel that runs there.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from planlang.diagnostics import Diagnostic, at
+from planlang.plan import Plan
+from planlang.selectors import Selector, SelectorError
+from planlang.source import SourceMap
+
+from .kernels import attention as _attention_ops  # noqa: F401  (registers planlang:: ops)
+from .kernels import qkv as _qkv_ops  # noqa: F401
+from .kernels import rmsnorm_residual as _norm_ops  # noqa: F401
+from .kernels import rope_kvcache as _rope_ops  # noqa: F401
+from .kernels import sampling as _sampling_ops  # noqa: F401
+from .kernels import swiglu as _swiglu_ops  # noqa: F401
+from .kernels.backend import triton_available
+from .passes.fusions import PASSES, FusedWeights, Site
+from .passes.graph import GraphView, capture
+
+PASS_ORDER = ("rmsnorm_residual", "swiglu", "qkv", "rope_kvcache", "attention")
+
+
+class ApplyError(Exception):
+    """The plan cannot be applied to this model; `.diagnostics` say where and why."""
+
+    def __init__(self, diagnostics: list[Diagnostic]):
+        self.diagnostics = diagnostics
+        super().__init__("; ".join(f"{d.file}:{d.line}:{d.column}: {d.message}" for d in diagnostics))
+
+
+@dataclass
+class RuleReport:
+    section: str
+    index: int
+    what: str                     # fusion kind, dtype, ...
+    at: str
+    places: list[str] = field(default_factory=list)
+    kernel: str = ""
+    note: str = ""
+
+
+@dataclass
+class Report:
+    plan: str
+    device: str
+    backend: str
+    rules: list[RuleReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- example inputs
+
+def is_causal_lm(model: nn.Module) -> bool:
+    return hasattr(model, "setup_caches") or hasattr(getattr(model, "config", None), "vocab_size") and \
+        hasattr(model, "generate") and hasattr(model, "get_input_embeddings")
+
+
+def default_inputs(model: nn.Module, device: torch.device, batch: int = 1, tokens: int = 4) -> Callable:
+    """A callable that runs the model on token ids (built-in and HF causal LMs)."""
+    vocab = model.config.vocab_size if not isinstance(model.config, dict) else model.config["vocab_size"]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, tokens), generator=gen).to(device)
+    if hasattr(model, "setup_caches"):
+        pos = torch.arange(tokens, device=device)
+        return lambda m: m(ids, pos)
+    return lambda m: m(input_ids=ids)
+
+
+# ----------------------------------------------------------------------------- the planned model
+
+class PlannedModel(nn.Module):
+    """The model with the plan applied: `forward` runs the rewritten graphs; `.model` is
+    the original module (its weights shared), `.report` says what was done."""
+
+    def __init__(self, model: nn.Module, plan: Plan, report: Report, forward_fn: Callable,
+                 weights: FusedWeights, sampling: Optional[dict]):
+        super().__init__()
+        self.model = model
+        self.plan = plan
+        self.report = report
+        self._forward = forward_fn
+        self.fused_weights = weights
+        self.sampling = sampling
+
+    def forward(self, *args, **kwargs):
+        return self._forward(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    def sample_fn(self, temperature: float = 1.0, top_k=None, top_p=None, seed: int = 0):
+        """The token sampler for `generate`: planlang's fused kernel when the plan has a
+        `sampling` fusion (its options override the arguments), else None (the default)."""
+        if self.sampling is None:
+            return None
+        from .kernels.sampling import sample
+        opts = {"temperature": temperature, "top_k": top_k, "top_p": top_p, **self.sampling}
+        state = {"step": 0}
+
+        def draw(logits):
+            state["step"] += 1
+            return sample(logits, temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
+                          seed=seed + state["step"])
+        return draw
+
+
+# ----------------------------------------------------------------------------- steps
+
+def _fusion_rules(plan: Plan):
+    return [(i, f) for i, f in enumerate(plan.fusions)]
+
+
+def resolve_rules(model: nn.Module, plan: Plan, source: Optional[SourceMap]) -> tuple[dict, list[Diagnostic]]:
+    """Step 1: the modules each rule's selector names (path -> list of names)."""
+    names = [n for n, _ in model.named_modules()]
+    found: dict[tuple, list[str]] = {}
+    diags = []
+    from planlang.selectors import resolve
+    entries = [(("fusions", i, "at"), f.at, f.required, f.kind) for i, f in enumerate(plan.fusions) if f.kind != "sampling"]
+    entries += [(("precision", "rules", i, "at"), r.at, True, r.dtype) for i, r in enumerate(plan.precision.rules)]
+    entries += [(("memory", "offload", i, "at"), r.at, True, "offload") for i, r in enumerate(plan.memory.offload)]
+    entries += [(("memory", "recompute", i, "at"), r.at, True, "recompute") for i, r in enumerate(plan.memory.recompute)]
+    entries += [(("parallel", "styles", i, "at"), r.at, True, r.style) for i, r in enumerate(plan.parallel.styles)]
+    for path, text, required, what in entries:
+        try:
+            hits = resolve(Selector.parse(text), names)
+        except SelectorError as exc:
+            diags.append(at(source, path, "PL110", f"invalid selector: {exc.message}", hint=exc.hint))
+            continue
+        found[path] = hits
+        if not hits:
+            code = "PL309" if required else "PL312"
+            diags.append(at(source, path, code, f"'{text}' ({what}) names no module of this model",
+                            hint="`planlang explain --model` lists the model's modules; "
+                                 "write required: false to allow a miss" if path[0] == "fusions" else
+                                 "`planlang explain --model` lists the model's modules"))
+    return found, diags
+
+
+def selected(site: Site, selector: Selector) -> bool:
+    return all(selector.selects(m) for m in site.members)
+
+
+def find_sites(views: list[GraphView], plan: Plan) -> dict[int, list[Site]]:
+    """Step 2: the sites each fusion rule takes, over all captured graphs (by rule index)."""
+    out: dict[int, list[Site]] = {}
+    for i, rule in enumerate(plan.fusions):
+        if rule.kind not in PASSES:
+            continue
+        sel = Selector.parse(rule.at)
+        seen = set()
+        hits = []
+        for view in views:
+            for site in PASSES[rule.kind].find(view):
+                if site.key not in seen and selected(site, sel):
+                    seen.add(site.key)
+                    hits.append(site)
+        out[i] = hits
+    return out
+
+
+def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kernels: dict, compile_mode: str):
+    """Step 4: the torch.compile backend that rewrites each graph Dynamo hands it."""
+    rules = [(i, f, Selector.parse(f.at)) for i, f in enumerate(plan.fusions) if f.kind in PASSES]
+
+    def backend(gm, example_inputs):
+        view = GraphView(gm, list(example_inputs), model)
+        for kind in PASS_ORDER:
+            if kind not in PASSES:
+                continue
+            for i, rule, sel in rules:
+                if rule.kind != kind:
+                    continue
+                for site in PASSES[kind].find(view):
+                    if selected(site, sel):
+                        kernels.setdefault(i, set()).add(PASSES[kind].rewrite(view, site, weights))
+        gm.graph.lint()
+        gm.recompile()
+        if compile_mode == "none":
+            return gm.forward
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs, config_patches=list_mode_options(compile_mode))
+    return backend
+
+
+def effective_compile_mode(plan: Plan) -> str:
+    mode = plan.compile.mode
+    if plan.graphs.capture == "cuda_graph" and mode in ("reduce-overhead", "max-autotune"):
+        # planlang captures the graphs itself (spec §6).
+        return "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
+    return mode
+
+
+def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: Optional[SourceMap] = None,
+          device: Optional[torch.device] = None, max_batch: Optional[int] = None,
+          max_seq_len: Optional[int] = None) -> PlannedModel:
+    """Apply `plan` to `model`; returns the planned model, whose `.report` lists every
+    rule's places and kernels. Raises ApplyError, before changing the model, when a
+    required rule matches nothing."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    ok, why = triton_available(device)
+    report = Report(plan=plan.name or "plan", device=str(device), backend="triton" if ok else f"reference ({why})")
+
+    found, diags = resolve_rules(model, plan, source)
+    if any(d.severity == "error" for d in diags):
+        raise ApplyError(diags)
+
+    if hasattr(model, "setup_caches"):
+        mb = max_batch or plan.limits.max_batch or max(plan.graphs.buckets)
+        sl = max_seq_len or plan.limits.max_seq_len or min(getattr(model.config, "max_seq_len", 2048), 4096)
+        if not model.caches_fit(mb, sl):
+            model.setup_caches(mb, sl)
+    if example_inputs is None:
+        if not hasattr(model, "config"):
+            raise ApplyError([at(source, ("fusions",), "PL309",
+                                 f"{type(model).__name__} is not a causal language model planlang knows; "
+                                 "apply needs example_inputs to trace it",
+                                 hint="pass example_inputs=(tensor, ...) to apply()")])
+        run = default_inputs(model, device)
+    elif callable(example_inputs):
+        run = example_inputs
+    else:
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        run = lambda m: m(*args)  # noqa: E731
+
+    views = capture(model, run)
+    sites = find_sites(views, plan)
+    for i, rule in enumerate(plan.fusions):
+        if rule.kind == "sampling":
+            continue
+        if not sites.get(i):
+            names = found.get(("fusions", i, "at"), [])
+            msg = (f"fusion '{rule.kind}' found no site in the {len(names)} module(s) '{rule.at}' names"
+                   if names else f"fusion '{rule.kind}': '{rule.at}' names no module")
+            diags.append(at(source, ("fusions", i), "PL309" if rule.required else "PL312", msg,
+                            hint="write required: false to allow it, or narrow/widen `at`"))
+    if any(d.severity == "error" for d in diags):
+        raise ApplyError(diags)
+    report.notes.extend(f"{d.severity}: {d.message}" for d in diags)
+
+    weights = FusedWeights()
+    kernels: dict[int, set] = {}
+    training = plan.mode == "training"
+    sampling = None
+    for i, rule in enumerate(plan.fusions):
+        if rule.kind == "sampling":
+            sampling = {k: v for k, v in rule.options().items()}
+            report.rules.append(RuleReport("fusions", i, "sampling", "generate", ["generate"],
+                                           "planlang::sample" if ok else "reference"))
+    mode = effective_compile_mode(plan)
+    if training:
+        forward = model.forward if mode == "none" else torch.compile(model, mode=mode)
+        report.notes.append("training: fused kernels have no backward yet; the PyTorch reference runs")
+    else:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        backend = _rewriting_backend(model, plan, weights, kernels, mode)
+        forward = torch.compile(model, backend=backend, dynamic=plan.compile.dynamic or None,
+                                fullgraph=plan.compile.fullgraph)
+        with torch.no_grad():
+            run(forward)  # compile now, so the first user call is not the slow one
+    for i, rule in enumerate(plan.fusions):
+        if rule.kind == "sampling":
+            continue
+        names = sorted({s.path for s in sites.get(i, [])})
+        kern = ", ".join(sorted(kernels.get(i, ()))) or "none"
+        kern = f"planlang::{kern} ({'triton' if ok else 'reference'})" if not training else "reference (training)"
+        report.rules.append(RuleReport("fusions", i, rule.kind, rule.at, names, kern))
+    if mode != plan.compile.mode:
+        report.notes.append(f"compile mode {plan.compile.mode} runs as {mode}: planlang captures the graphs")
+    if mode != "none":
+        report.notes.append(f"compiled with Inductor, mode {mode}")
+    planned = PlannedModel(model, plan, report, forward, weights, sampling)
+    return planned

@@ -1,0 +1,140 @@
+"""The forward as a graph: how passes see a model we did not write.
+
+`capture` runs the model once under torch.compile with a recording backend; Dynamo hands
+us FX graphs of the whole forward in which every node carries the module path it came
+from (`meta["nn_module_stack"]`) and parameters arrive as placeholders bound to the real
+tensors. `GraphView` answers the questions passes ask: which module a node belongs to,
+which parameter a placeholder is, which nodes a module's scope holds.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.fx as fx
+
+_PREFIX = re.compile(r"^L\[['\"](?:self|fn|mod)['\"]\]\.?|^L\[['\"]args['\"]\]\[0\]\.?")
+_INDEX = re.compile(r"\[(\d+)\]")
+_MODULES = re.compile(r"_modules\[['\"]([^'\"]+)['\"]\]")
+
+
+def module_path(raw: str) -> str:
+    """Dynamo's module path ("L['self'].layers[0].attn" or "L['self'].layers.0.attn") ->
+    the name `named_modules()` yields ("layers.0.attn")."""
+    s = _PREFIX.sub("", raw)
+    s = _MODULES.sub(r"\1", s)
+    s = _INDEX.sub(r".\1", s)
+    return re.sub(r"\.+", ".", s).strip(".")
+
+
+def node_module(node: fx.Node) -> Optional[str]:
+    """The innermost module a node was traced in, or None (top-level code)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    raw = list(stack.values())[-1]
+    raw = raw[0] if isinstance(raw, tuple) else raw
+    return module_path(str(raw))
+
+
+LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear}
+ADD_TARGETS = {operator.add, operator.iadd, torch.add}
+MUL_TARGETS = {operator.mul, operator.imul, torch.mul}
+
+
+def is_call(node: Any, targets: Iterable, methods: Iterable[str] = ()) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function" and node.target in set(targets):
+        return True
+    return node.op == "call_method" and node.target in set(methods)
+
+
+@dataclass
+class GraphView:
+    """One captured graph with its bindings to the model."""
+
+    gm: fx.GraphModule
+    example_inputs: list
+    model: torch.nn.Module
+    param_of: dict = field(default_factory=dict)      # placeholder node -> (module path, name, tensor)
+
+    def __post_init__(self) -> None:
+        by_id = {}
+        for mod_name, mod in self.model.named_modules(remove_duplicate=False):
+            for pname, p in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+                if p is not None:
+                    by_id.setdefault(id(p), (mod_name, pname, p))
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        for node, value in zip(placeholders, self.example_inputs):
+            hit = by_id.get(id(value))
+            if hit is None and isinstance(value, torch.Tensor):
+                # Dynamo may hand a detached alias of the parameter: match on storage and view.
+                for mod_name, pname, p in by_id.values():
+                    if (isinstance(p, torch.Tensor) and p.data_ptr() == value.data_ptr()
+                            and p.shape == value.shape and p.stride() == value.stride()):
+                        hit = (mod_name, pname, p)
+                        break
+            if hit is not None:
+                self.param_of[node] = hit
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def param(self, node: Any) -> Optional[tuple[str, str, torch.Tensor]]:
+        return self.param_of.get(node) if isinstance(node, fx.Node) else None
+
+    def linear_weight(self, node: fx.Node):
+        """(module path, weight tensor, bias tensor or None) of a linear node on parameters."""
+        w = self.param(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
+        if w is None:
+            return None
+        b_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        b = self.param(b_arg) if b_arg is not None else None
+        if b_arg is not None and b is None:
+            return None
+        return w[0], w[2], (b[2] if b else None)
+
+    def scopes(self) -> dict[str, list[fx.Node]]:
+        """Module path -> the nodes traced directly in it (innermost), in graph order."""
+        out: dict[str, list[fx.Node]] = {}
+        for n in self.graph.nodes:
+            if n.op in ("call_function", "call_method", "call_module"):
+                path = node_module(n)
+                if path is not None:
+                    out.setdefault(path, []).append(n)
+        return out
+
+
+def erase_unused(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
+    """Erase the given nodes that nothing uses any more, users first."""
+    pending = [n for n in nodes if n.graph is graph]
+    changed = True
+    while changed:
+        changed = False
+        for n in list(pending):
+            if not n.users:
+                graph.erase_node(n)
+                pending.remove(n)
+                changed = True
+
+
+def capture(model: torch.nn.Module, run: Callable[[Callable], Any]) -> list[GraphView]:
+    """The FX graphs of `model`'s forward, as Dynamo traces it when `run(compiled)` calls
+    the compiled model. Graph breaks give several graphs; all are returned."""
+    graphs: list[GraphView] = []
+
+    def record(gm: fx.GraphModule, example_inputs):
+        graphs.append(GraphView(gm, list(example_inputs), model))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=record, dynamic=False)
+    with torch.no_grad():
+        run(compiled)
+    torch._dynamo.reset()
+    return graphs
