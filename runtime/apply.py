@@ -29,7 +29,9 @@ from .kernels import rope_kvcache as _rope_ops  # noqa: F401
 from .kernels import sampling as _sampling_ops  # noqa: F401
 from .kernels import swiglu as _swiglu_ops  # noqa: F401
 from .kernels.backend import triton_available
-from .passes.fusions import PASSES, FusedWeights, Site
+from .passes.fusions import PASSES, FusedWeights, Site, _all_passes
+
+PASSES.update(_all_passes())
 from .passes.graph import GraphView, capture
 
 PASS_ORDER = ("rmsnorm_residual", "swiglu", "qkv", "rope_kvcache", "attention")
@@ -180,7 +182,8 @@ def find_sites(views: list[GraphView], plan: Plan) -> dict[int, list[Site]]:
     return out
 
 
-def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kernels: dict, compile_mode: str):
+def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kernels: dict, skipped: dict,
+                       compile_mode: str):
     """Step 4: the torch.compile backend that rewrites each graph Dynamo hands it."""
     rules = [(i, f, Selector.parse(f.at)) for i, f in enumerate(plan.fusions) if f.kind in PASSES]
 
@@ -194,7 +197,11 @@ def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kern
                     continue
                 for site in PASSES[kind].find(view):
                     if selected(site, sel):
-                        kernels.setdefault(i, set()).add(PASSES[kind].rewrite(view, site, weights))
+                        done = PASSES[kind].rewrite(view, site, weights)
+                        if done.startswith("skipped"):
+                            skipped.setdefault(i, {})[site.path] = done
+                        else:
+                            kernels.setdefault(i, set()).add(done)
         gm.graph.lint()
         gm.recompile()
         if compile_mode == "none":
@@ -262,6 +269,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
 
     weights = FusedWeights()
     kernels: dict[int, set] = {}
+    skipped: dict[int, dict] = {}
     training = plan.mode == "training"
     sampling = None
     for i, rule in enumerate(plan.fusions):
@@ -275,7 +283,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         report.notes.append("training: fused kernels have no backward yet; the PyTorch reference runs")
     else:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        backend = _rewriting_backend(model, plan, weights, kernels, mode)
+        backend = _rewriting_backend(model, plan, weights, kernels, skipped, mode)
         forward = torch.compile(model, backend=backend, dynamic=plan.compile.dynamic or None,
                                 fullgraph=plan.compile.fullgraph)
         with torch.no_grad():
@@ -286,7 +294,9 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         names = sorted({s.path for s in sites.get(i, [])})
         kern = ", ".join(sorted(kernels.get(i, ()))) or "none"
         kern = f"planlang::{kern} ({'triton' if ok else 'reference'})" if not training else "reference (training)"
-        report.rules.append(RuleReport("fusions", i, rule.kind, rule.at, names, kern))
+        lost = skipped.get(i, {})
+        report.rules.append(RuleReport("fusions", i, rule.kind, rule.at, [p for p in names if p not in lost], kern,
+                                       "; ".join(f"{p}: {why}" for p, why in sorted(lost.items()))))
     if mode != plan.compile.mode:
         report.notes.append(f"compile mode {plan.compile.mode} runs as {mode}: planlang captures the graphs")
     if mode != "none":

@@ -185,7 +185,7 @@ if _HAVE_TRITON:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(
                 v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=d_ok[None, :], other=0.0,
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0,
             )
             acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
             m_i = m_new
@@ -313,7 +313,7 @@ if _HAVE_TRITON:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(
                 v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=d_ok[None, :], other=0.0,
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0,
             )
             acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
             m_i = m_new

@@ -290,4 +290,9 @@ class QKVPass(FusionPass):
         return "qkv_linear"
 
 
-PASSES: dict[str, FusionPass] = {p.kind: p for p in (RMSNormResidualPass(), SwiGLUPass(), QKVPass())}
+def _all_passes() -> dict[str, FusionPass]:
+    from .attention import AttentionPass, RopeKVCachePass
+    return {p.kind: p for p in (RMSNormResidualPass(), SwiGLUPass(), QKVPass(), RopeKVCachePass(), AttentionPass())}
+
+
+PASSES: dict[str, FusionPass] = {}

@@ -62,14 +62,14 @@ def naive_attention_f64(q, k_cache, v_cache, input_pos, *, scale, softcap=None, 
 
 
 def make_case(*, B=2, T=1, Hq=4, Hkv=2, D=16, S=80, last=69, dtype=torch.float32, sinks=False, seed=0):
-    """Fresh random q and caches with garbage where the op must not look: cache rows past B
-    and positions past `last` hold NaN and huge values."""
+    """Fresh random q and caches with garbage where the op must not look: positions past
+    `last` hold NaN, cache rows past B hold huge keys and NaN values."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, Hq, D, generator=g).to(dtype)
     k = torch.randn(B + 1, Hkv, S, D, generator=g).to(dtype)
     v = torch.randn(B + 1, Hkv, S, D, generator=g).to(dtype)
     k[:, :, last + 1:] = float("nan")
-    v[:, :, last + 1:] = 6e4
+    v[:, :, last + 1:] = float("nan")
     k[B:] = 6e4
     v[B:] = float("nan")
     input_pos = torch.arange(last - T + 1, last + 1)

@@ -1,0 +1,258 @@
+"""The fused sampling kernel, tested as a sampler: what it draws must follow the filtered
+softmax distribution (a chi-square test over thousands of draws), never leave the top-k /
+top-p set, repeat itself for the same seed and be the argmax at temperature 0.
+
+Many draws come from one launch: a batch of thousands of rows, alternating between two
+different rows of logits, so that the rows of one program (the interpreter packs many)
+also check that each row keeps its own cutoffs.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before the kernels are defined (tests/conftest.py does the same)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from planlang.runtime.kernels import sampling as sampling_mod  # noqa: E402
+from planlang.runtime.kernels.backend import triton_available  # noqa: E402
+from planlang.runtime.kernels.sampling import filtered_probs_reference, sample, sample_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not triton_available(DEVICE)[0], reason=triton_available(DEVICE)[1])
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+V = 40
+DRAWS = 3000  # per row kind
+P_MIN = 1e-3  # a correct sampler fails a test with this probability
+
+
+def two_rows(seed=0, vocab=V):
+    """Two peaked but not degenerate rows of logits (the top token holds 20-50%)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, vocab, generator=g) * 1.6
+
+
+def batch_of(rows, draws=DRAWS):
+    """[2 * draws, V]: the two rows alternating."""
+    return rows.repeat(draws, 1)
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """P-value of observed counts against probabilities (Pearson), pooling the categories
+    expected fewer than 5 times into one. Tokens of probability 0 must have no count."""
+    n = counts.sum().double()
+    expected = probs.double() * n
+    big = expected >= 5
+    obs = torch.cat([counts[big].double(), counts[~big].double().sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    dof = obs.numel() - 1
+    if dof < 1:
+        return 1.0
+    # Chi-square survival function: the regularized upper incomplete gamma Q(dof/2, stat/2).
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))
+
+
+def draw(logits, **kwargs):
+    """The Triton launcher on the test device into a poisoned output."""
+    logits = logits.to(DEVICE)
+    out = torch.full((logits.shape[0],), -7, dtype=torch.long, device=DEVICE)
+    sampling_mod.sample_triton(logits, out=out, **kwargs)
+    assert ((out >= 0) & (out < logits.shape[1])).all(), "a row was left unwritten or out of range"
+    return out.cpu()
+
+
+def check_distribution(tokens, rows, **filters):
+    """Each of the two row kinds: no excluded token, and the chi-square test passes."""
+    for kind in range(2):
+        probs = filtered_probs_reference(rows[kind:kind + 1].double(), **filters)[0]
+        counts = torch.bincount(tokens[kind::2], minlength=rows.shape[1])
+        assert counts[probs == 0].sum() == 0, f"row {kind}: drew tokens that the filters exclude"
+        p = chi_square_p_value(counts, probs)
+        assert p > P_MIN, f"row {kind}: frequencies do not follow the filtered softmax (p = {p:.2e})"
+
+
+FILTERS = {
+    "plain": {},
+    "temperature": {"temperature": 0.6},
+    "top_k": {"top_k": 7},
+    "top_p": {"top_p": 0.75},
+    "top_k_then_top_p": {"temperature": 1.3, "top_k": 12, "top_p": 0.6},
+    "top_k_1": {"top_k": 1},
+}
+
+
+# ---------------------------------------------------------------- the reference itself
+@pytest.mark.parametrize("name", ["plain", "top_k", "top_p", "top_k_then_top_p"])
+def test_reference_sampler_follows_the_filtered_distribution(name):
+    rows = two_rows(seed=1)
+    tokens = sample_reference(batch_of(rows), seed=11, **FILTERS[name])
+    check_distribution(tokens, rows, **FILTERS[name])
+
+
+def test_reference_top_p_keeps_the_token_that_crosses_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = filtered_probs_reference(logits, top_p=0.7)[0]
+    torch.testing.assert_close(probs, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+
+
+# ---------------------------------------------------------------- the Triton kernel
+@needs_triton
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_kernel_follows_the_filtered_distribution(name):
+    rows = two_rows(seed=2)
+    tokens = draw(batch_of(rows), seed=5, offset=3, **FILTERS[name])
+    check_distribution(tokens, rows, **FILTERS[name])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_reads_half_precision_logits(dtype):
+    rows = two_rows(seed=3).to(dtype)
+    filters = {"top_k": 9, "top_p": 0.8}
+    tokens = draw(batch_of(rows), seed=6, **filters)
+    check_distribution(tokens, rows.double(), **filters)
+
+
+@needs_triton
+def test_vocabulary_not_a_multiple_of_the_block_size():
+    # 40 = 2 * 16 + 8: the last block of every pass is partial.
+    rows = two_rows(seed=4)
+    filters = {"top_k": 10, "top_p": 0.9}
+    tokens = draw(batch_of(rows), seed=7, block=16, search_block=16, **filters)
+    check_distribution(tokens, rows, **filters)
+
+
+@needs_triton
+def test_top_k_on_a_row_whose_tail_defeats_the_gaussian_guess():
+    # x = -|N(0, 1)|: the right tail is much lighter than a Gaussian's, so mean + z * std
+    # keeps fewer than k logits and the kernel must fall back to copying the whole row.
+    vocab, k = 3000, 30
+    g = torch.Generator().manual_seed(8)
+    rows = -torch.randn(2, vocab, generator=g).abs() * 4.0
+    x = rows[0] * 1.4426950408889634
+    guess = x.mean() + sampling_mod._topk_z(k, vocab) * x.std(unbiased=False)
+    assert (x >= guess).sum() < k, "the test row no longer exercises the fallback"
+    tokens = draw(batch_of(rows, draws=1200), seed=8, top_k=k, block=512, search_block=64)
+    check_distribution(tokens, rows, top_k=k)
+
+
+@needs_triton
+def test_ties_at_the_top_k_cutoff_all_survive():
+    # Tokens 3, 17 and 29 tie for the 2nd place: top_k=2 keeps all three (and the max).
+    row = torch.full((V,), -2.0)
+    row[11] = 1.0
+    row[[3, 17, 29]] = 0.5
+    rows = torch.stack([row, row])
+    tokens = draw(batch_of(rows, draws=1500), seed=9, top_k=2)
+    assert set(tokens.tolist()) == {3, 11, 17, 29}
+    check_distribution(tokens, rows, top_k=2)
+
+
+@needs_triton
+def test_minus_infinity_logits_are_never_drawn():
+    rows = two_rows(seed=10)
+    rows[:, ::3] = float("-inf")
+    for filters in ({}, {"top_p": 0.95}, {"top_k": 30}):  # top_k above the 26 finite logits
+        tokens = draw(batch_of(rows, draws=500), seed=10, **filters)
+        assert (tokens % 3 != 0).all()
+
+
+@needs_triton
+def test_same_seed_and_offset_draw_the_same_tokens_and_a_new_offset_does_not():
+    logits = batch_of(two_rows(seed=11), draws=500)
+    first = draw(logits, seed=21, offset=4, top_p=0.9)
+    assert torch.equal(first, draw(logits, seed=21, offset=4, top_p=0.9))
+    assert not torch.equal(first, draw(logits, seed=21, offset=5, top_p=0.9))
+    assert not torch.equal(first, draw(logits, seed=22, offset=4, top_p=0.9))
+
+
+@needs_triton
+def test_seed_and_offset_tensors_act_as_their_values():
+    logits = batch_of(two_rows(seed=12), draws=300)
+    seed = torch.tensor([21], device=DEVICE)
+    offset = torch.tensor([4], device=DEVICE)
+    assert torch.equal(draw(logits, seed=seed, offset=offset, top_k=5), draw(logits, seed=21, offset=4, top_k=5))
+
+
+@needs_triton
+def test_temperature_zero_is_the_argmax_first_index_among_ties():
+    g = torch.Generator().manual_seed(13)
+    logits = torch.randn(64, 200, generator=g)
+    logits[5, [17, 150]] = 10.0  # a tie: the first index wins, as in torch.argmax
+    tokens = draw(logits, temperature=0.0, top_k=3, block=64)
+    assert torch.equal(tokens, logits.argmax(dim=-1))
+    assert tokens[5] == 17
+
+
+# ---------------------------------------------------------------- the public op
+def test_public_op_samples_on_any_device_and_returns_longs():
+    rows = two_rows(seed=14)
+    logits = batch_of(rows, draws=1500).to(DEVICE)
+    tokens = sample(logits, temperature=0.9, top_k=8, seed=torch.tensor([3], device=DEVICE), offset=1)
+    assert tokens.dtype == torch.long and tokens.shape == (logits.shape[0],)
+    check_distribution(tokens.cpu(), rows, temperature=0.9, top_k=8)
+
+
+def test_custom_op_survives_torch_compile_without_graph_breaks():
+    logits = batch_of(two_rows(seed=15), draws=8).to(DEVICE)
+    seed = torch.tensor([7], device=DEVICE)
+
+    def step(logits, seed):
+        return sample(logits * 1.0, temperature=0.8, top_p=0.9, seed=seed, offset=2)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(logits, seed), step(logits, seed))
+
+
+def test_custom_op_passes_opcheck():
+    logits = batch_of(two_rows(seed=16), draws=4).to(DEVICE)
+    seed = torch.tensor([1], device=DEVICE)
+    torch.library.opcheck(torch.ops.planlang.sample.default, (logits, 0.7, 5, 0.9, seed, 0, None, 3))
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5},
+                                    {"seed": torch.tensor([1.5])}])
+def test_bad_settings_are_refused(kwargs):
+    with pytest.raises(ValueError, match="sample"):
+        sample(torch.randn(2, V), **kwargs)
+
+
+# ---------------------------------------------------------------- real shapes on a GPU
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("filters", [{"top_k": 50}, {"top_p": 0.9}, {"top_k": 50, "top_p": 0.8}, {}])
+def test_llama3_vocabulary_on_gpu_never_leaves_the_filtered_set(filters):
+    vocab = 128256
+    g = torch.Generator().manual_seed(17)
+    row = torch.randn(vocab, generator=g) * 2.5  # a long, flat vocabulary with a few strong tokens
+    row[torch.randperm(vocab, generator=g)[:20]] += 9.0
+    rows = torch.stack([row, row.roll(1000)]).cuda()
+    tokens = sample(batch_of(rows, draws=2000), temperature=0.9, seed=3, **filters).cpu()
+    check_distribution(tokens, rows.cpu(), temperature=0.9, **filters)
+
+
+@pytest.mark.gpu
+@gpu
+def test_sampling_replays_in_a_cuda_graph_with_a_device_offset():
+    logits = batch_of(two_rows(seed=18), draws=8).cuda()
+    seed = torch.tensor([5], device="cuda")
+    offset = torch.tensor([0], device="cuda")
+    sample(logits, top_k=5, seed=seed, offset=offset)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = sample(logits, top_k=5, seed=seed, offset=offset)
+        offset += 1
+    seen = []
+    for _ in range(3):
+        graph.replay()
+        seen.append(tokens.clone())
+    offset.fill_(0)
+    graph.replay()
+    assert torch.equal(tokens, seen[0])
+    assert not torch.equal(seen[0], seen[1])
