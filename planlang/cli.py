@@ -130,7 +130,7 @@ def cmd_lint(args) -> int:
             continue
         diags.extend(validate(loaded.plan, loaded.source, target=args.target, catalog=catalog))
         if args.model and not has_errors(diags):
-            from .runtime_bridge import model_diagnostics
+            from planlang.runtime.modelcheck import model_diagnostics
             diags.extend(model_diagnostics(loaded, args.model, target=args.target, catalog=catalog,
                                            trust_pickle=args.trust_pickle))
     diags.sort(key=sort_key)
@@ -202,7 +202,7 @@ def cmd_explain(args) -> int:
     res = resolve_target(loaded.plan, loaded.source, catalog, args.target)
     data = explain_plan(loaded.plan, res.target, res.how)
     if args.model:
-        from .runtime_bridge import explain_with_model
+        from planlang.runtime.modelcheck import explain_with_model
         data = explain_with_model(data, loaded, args.model, res.target, catalog,
                                   trust_pickle=args.trust_pickle, context=args.context)
     data["diagnostics"] = [d.to_json() for d in diags]
@@ -257,7 +257,7 @@ def cmd_detect(args) -> int:
 def _runtime_command(name: str):
     def run(args) -> int:
         try:
-            from .runtime_bridge import COMMANDS
+            from planlang.runtime.commands import COMMANDS
         except ImportError as exc:
             raise UsageError(f"`planlang {name}` needs the runtime (torch): {exc}. "
                              "Install it with `pip install planlang[runtime]`") from None

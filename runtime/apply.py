@@ -228,7 +228,8 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
     required rule matches nothing."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     ok, why = triton_available(device)
-    report = Report(plan=plan.name or "plan", device=str(device), backend="triton" if ok else f"reference ({why})")
+    report = Report(plan=plan.name or "plan", device=str(device),
+                    backend="triton" if ok else f"PyTorch reference (no Triton for {device.type})")
 
     found, diags = resolve_rules(model, plan, source)
     if any(d.severity == "error" for d in diags):

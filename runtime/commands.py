@@ -1,0 +1,213 @@
+"""The commands of `planlang` that run a model: apply, export (bench and tune come with
+their issues). The language CLI (`planlang.cli`) imports this module lazily."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from planlang.diagnostics import has_errors, render_text, sort_key
+from planlang.loader import load_with_source
+
+from .apply import ApplyError, apply
+from .models.checkpoint import ModelLoadError, export_checkpoint, load_model
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
+
+
+def _device(name: Optional[str]) -> torch.device:
+    if name:
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(_usage(f"--device {name}: no CUDA device here"))
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _usage(msg: str) -> int:
+    print(f"planlang: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def device_target(device: torch.device) -> str:
+    """The catalog id of the device present (what `target: auto` means at apply time)."""
+    if device.type != "cuda":
+        return "cpu"
+    from planlang.hardware import load_catalog, match_gpu
+    props = torch.cuda.get_device_properties(device)
+    target, _ = match_gpu(props.name, f"{props.major}.{props.minor}", props.total_memory / 1e9, catalog=load_catalog())
+    return target.id if target is not None else "h100"
+
+
+def _model_error(exc: ModelLoadError) -> int:
+    print(f"planlang: error: {exc.path + ': ' if exc.path else ''}{exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"   = hint: {exc.hint}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn, device: torch.device, reps: int) -> float:
+    """Median wall time of fn() in ms (device-synchronized)."""
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _run_steps(model, prompt: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Logits of a prefill and `steps` greedy decode steps (positions as device tensors)."""
+    out = []
+    with torch.no_grad():
+        logits = model(prompt, torch.arange(prompt.shape[1], device=prompt.device))
+        out.append(logits[:, -1].float())
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(steps):
+            pos = torch.tensor([prompt.shape[1] + i], device=prompt.device)
+            logits = model(tok, pos)
+            out.append(logits[:, -1].float())
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+    return out
+
+
+def cmd_apply(args) -> int:
+    from planlang.validate import validate
+    loaded = load_with_source(args.plan)
+    if loaded.plan is None:
+        print(render_text(sorted(loaded.diagnostics, key=sort_key)), file=sys.stderr)
+        return EXIT_USAGE if any(d.code == "PL100" for d in loaded.diagnostics) else EXIT_ERRORS
+    plan = loaded.plan
+    device = _device(args.device)
+    target = plan.target if plan.target != "auto" else device_target(device)
+    # At apply time the device present is the target: refuse what it cannot run.
+    here = device_target(device)
+    diags = validate(plan, loaded.source, target=here)
+    if plan.target not in ("auto", here):
+        diags = [d for d in diags if d.code != "PL203"]
+    if has_errors(diags):
+        print(render_text(sorted(diags, key=sort_key)), file=sys.stderr)
+        print(f"planlang apply: the plan cannot run on this device ({here})", file=sys.stderr)
+        return EXIT_ERRORS
+    try:
+        lm = load_model(args.model, trust_pickle=args.trust_pickle, device=device)
+    except ModelLoadError as exc:
+        return _model_error(exc)
+    model = lm.model.eval()
+    if not hasattr(model, "setup_caches"):
+        return _usage(f"{lm.source}: `planlang apply` drives causal language models with a static cache "
+                      "(built-in or planlang checkpoints); use the Python API with example_inputs for others")
+    vocab = model.config.vocab_size
+    batch, prompt_len, steps = args.batch, min(args.context, 64), 4
+    model.setup_caches(max(batch, plan.limits.max_batch or 1), max(prompt_len + steps + 1, plan.limits.max_seq_len or 0))
+    gen = torch.Generator().manual_seed(1234)
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
+    reps = 5 if device.type == "cpu" else 20
+
+    ref = _run_steps(model, prompt, steps)
+    t_ref = _time_ms(lambda: _run_steps(model, prompt, steps), device, reps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    try:
+        planned = apply(model, plan, source=loaded.source, device=device)
+    except ApplyError as exc:
+        print(render_text(exc.diagnostics), file=sys.stderr)
+        return EXIT_ERRORS
+    apply_s = time.perf_counter() - t0
+    got = _run_steps(planned, prompt, steps)
+    t_plan = _time_ms(lambda: _run_steps(planned, prompt, steps), device, reps)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    ref_all, got_all = torch.cat(ref), torch.cat(got)
+    rel = ((got_all - ref_all).norm() / ref_all.norm()).item()
+    max_abs = (got_all - ref_all).abs().max().item()
+    agree = (got_all.argmax(-1) == ref_all.argmax(-1)).float().mean().item()
+    result = {
+        "plan": plan.name, "model": lm.source, "device": str(device), "target": target,
+        "report": planned.report.to_json(),
+        "numerics": {"rel_error": rel, "max_abs_error": max_abs, "top1_agreement": agree,
+                     "steps": f"prefill {prompt_len} tokens + {steps} decode steps, batch {batch}"},
+        "time_ms": {"unplanned": t_ref, "planned": t_plan, "speedup": t_ref / t_plan if t_plan else None,
+                    "what": f"prefill {prompt_len} + {steps} decode steps, eager Python loop, median of {reps}"},
+        "apply_s": apply_s, "peak_memory_mib": peak,
+    }
+    failed = []
+    if args.max_error is not None and rel > args.max_error:
+        failed.append(f"relative error {rel:.3g} exceeds --max-error {args.max_error}")
+    if args.min_agreement is not None and agree < args.min_agreement:
+        failed.append(f"top-1 agreement {agree:.3f} is below --min-agreement {args.min_agreement}")
+    result["ok"] = not failed
+    result["failures"] = failed
+    if args.format == "json":
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        _print_apply(result)
+    for f in failed:
+        print(f"planlang apply: {f}", file=sys.stderr)
+    return EXIT_ERRORS if failed else EXIT_OK
+
+
+def _print_apply(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    con = Console(width=120)
+    rep = r["report"]
+    con.print(f"[bold]planlang apply[/bold] {r['plan']} -> {r['model']} on {r['device']} "
+              f"(target {r['target']}; kernels: {rep['backend']})")
+    table = Table(show_lines=False)
+    for col in ("rule", "at", "places", "kernel"):
+        table.add_column(col, overflow="fold")
+    for rule in rep["rules"]:
+        places = rule["places"]
+        shown = ", ".join(places[:4]) + (f" … (+{len(places) - 4})" if len(places) > 4 else "")
+        table.add_row(f"{rule['section']}[{rule['index']}] {rule['what']}", rule["at"],
+                      f"{len(places)}: {shown}" + (f"\n[yellow]{rule['note']}[/yellow]" if rule["note"] else ""),
+                      rule["kernel"])
+    con.print(table)
+    for note in rep["notes"]:
+        con.print(f"  note: {note}")
+    n, t = r["numerics"], r["time_ms"]
+    con.print(f"numerics ({n['steps']}): relative error {n['rel_error']:.3e}, max abs {n['max_abs_error']:.3e}, "
+              f"top-1 agreement {n['top1_agreement']:.3f}")
+    con.print(f"time ({t['what']}): unplanned {t['unplanned']:.2f} ms, planned {t['planned']:.2f} ms "
+              f"({t['speedup']:.2f}x); apply took {r['apply_s']:.1f} s"
+              + (f"; peak memory {r['peak_memory_mib']:.0f} MiB" if r["peak_memory_mib"] else ""))
+
+
+def cmd_export(args) -> int:
+    try:
+        lm = load_model(args.model)
+    except ModelLoadError as exc:
+        return _model_error(exc)
+    try:
+        path = export_checkpoint(lm.model, args.output, name=lm.name)
+    except (TypeError, OSError) as exc:
+        return _usage(f"cannot write {args.output}: {exc}")
+    print(f"wrote {path} ({lm.source})")
+    return EXIT_OK
+
+
+def _not_yet(name: str, issue: str):
+    def run(args) -> int:
+        return _usage(f"`planlang {name}` is not built yet in this version ({issue}); "
+                      "`planlang apply` reports timings of a planned model against the unplanned one")
+    return run
+
+
+COMMANDS = {
+    "apply": cmd_apply,
+    "export": cmd_export,
+    "bench": _not_yet("bench", "graph capture and bench"),
+    "tune": _not_yet("tune", "plan autotuning"),
+}
