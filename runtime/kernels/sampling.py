@@ -199,12 +199,6 @@ if _HAVE_TRITON:
         return counts, masses
 
     @triton.jit
-    def _pick(values, column, ROWS: tl.constexpr, PIVOTS: tl.constexpr):
-        """values[r, column[r]] for each row (0 where column is out of range)."""
-        hit = tl.arange(0, PIVOTS)[None, :] == column[:, None]
-        return tl.sum(tl.where(hit, values, tl.zeros_like(values)), axis=1)
-
-    @triton.jit
     def _cutoff_search(cand_val_ptr, cand_base, n, row_ok, m, lo, hi, c_lo, c_hi, s_lo, goal, goal_frac,
                        BY_MASS: tl.constexpr, GOAL_FROM_LO: tl.constexpr,
                        ROWS: tl.constexpr, BLOCK: tl.constexpr, PIVOTS: tl.constexpr, MAX_ROUNDS: tl.constexpr):
@@ -215,28 +209,31 @@ if _HAVE_TRITON:
         learnt in the first round (top-p inside a top-k set). Stops when the bracket holds
         the cutoff alone (c_lo - c_hi <= 1, or for top-k c_lo == goal), or cannot shrink
         further (ties within float resolution)."""
-        frac = tl.arange(0, PIVOTS).to(tl.float32) / PIVOTS  # pivot 0 is lo itself
+        col = tl.arange(0, PIVOTS)[None, :]
+        frac = col.to(tl.float32) / PIVOTS  # pivot 0 is lo itself
         active = row_ok & (c_lo - c_hi > 1)
         if not BY_MASS:
             active = active & (c_lo.to(tl.float32) != goal)
         rounds = 0
         while (tl.max(active.to(tl.int32), axis=0) > 0) & (rounds < MAX_ROUNDS):
-            pivots = lo[:, None] + (hi - lo)[:, None] * frac[None, :]
+            pivots = lo[:, None] + (hi - lo)[:, None] * frac
             counts, masses = _pivot_round(cand_val_ptr, cand_base, n, row_ok, m, pivots, ROWS, BLOCK, PIVOTS)
             if GOAL_FROM_LO:
-                goal = tl.where(rounds == 0, goal_frac * _pick(masses, tl.zeros_like(c_lo), ROWS, PIVOTS), goal)
+                goal = tl.where(rounds == 0, goal_frac * tl.sum(tl.where(col == 0, masses, 0.0), axis=1), goal)
             if BY_MASS:
                 key = masses
             else:
                 key = counts.to(tl.float32)
             # key falls with the pivot: the last pivot still meeting the goal is the new lo.
             j = tl.maximum(tl.sum((key >= goal[:, None]).to(tl.int32), axis=1) - 1, 0)
+            at_lo = col == j[:, None]
+            at_hi = col == j[:, None] + 1  # no column when j is the last pivot: hi stays
             has_next = j + 1 < PIVOTS
-            new_lo = _pick(pivots, j, ROWS, PIVOTS)
-            new_hi = tl.where(has_next, _pick(pivots, j + 1, ROWS, PIVOTS), hi)
-            new_c_lo = _pick(counts, j, ROWS, PIVOTS)
-            new_c_hi = tl.where(has_next, _pick(counts, j + 1, ROWS, PIVOTS), c_hi)
-            new_s_lo = _pick(masses, j, ROWS, PIVOTS)
+            new_lo = tl.sum(tl.where(at_lo, pivots, 0.0), axis=1)
+            new_hi = tl.where(has_next, tl.sum(tl.where(at_hi, pivots, 0.0), axis=1), hi)
+            new_c_lo = tl.sum(tl.where(at_lo, counts, 0), axis=1)
+            new_c_hi = tl.where(has_next, tl.sum(tl.where(at_hi, counts, 0), axis=1), c_hi)
+            new_s_lo = tl.sum(tl.where(at_lo, masses, 0.0), axis=1)
             moved = (new_lo != lo) | (new_hi != hi)
             lo = tl.where(active, new_lo, lo)
             hi = tl.where(active, new_hi, hi)
@@ -321,6 +318,10 @@ if _HAVE_TRITON:
             u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # 24 bits, strictly inside (0, 1)
 
             m, z, x_min, mean, std = _row_stats(logits_ptr, row_base, row_ok, n, x_scale, ROWS, BLOCK, TOP_K)
+            # Rows past the batch (the interpreter packs many rows) get harmless finite values.
+            m = tl.where(row_ok, m, 0.0)
+            z = tl.where(row_ok, z, 1.0)
+            x_min = tl.where(row_ok, x_min, 0.0)
             if TOP_K or TOP_P:
                 cand_base = rows.to(tl.int64) * V
                 if TOP_K:
@@ -406,9 +407,9 @@ def sample_triton(
     on_gpu = logits.device.type == "cuda"
     # The interpreter runs programs one after another and pays per op, not per element:
     # there, one program takes many rows at once.
-    rows = rows_per_program or (1 if on_gpu else min(triton.next_power_of_2(B), 1024))
+    rows = rows_per_program or (1 if on_gpu else min(triton.next_power_of_2(B), 2048))
     block = block or (2048 if on_gpu else 64)
-    search_block = search_block or (512 if on_gpu else 64)
+    search_block = search_block or (512 if on_gpu else 32)  # interpreter: rows x block x pivots <= 2**20
     use_k = top_k is not None and 0 < top_k < V
     use_p = top_p is not None and top_p < 1.0
     greedy = temperature == 0

@@ -25,7 +25,7 @@ needs_triton = pytest.mark.skipif(not triton_available(DEVICE)[0], reason=triton
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 V = 40
-DRAWS = 3000  # per row kind
+DRAWS = 2000  # per row kind
 P_MIN = 1e-3  # a correct sampler fails a test with this probability
 
 
@@ -132,13 +132,13 @@ def test_vocabulary_not_a_multiple_of_the_block_size():
 def test_top_k_on_a_row_whose_tail_defeats_the_gaussian_guess():
     # x = -|N(0, 1)|: the right tail is much lighter than a Gaussian's, so mean + z * std
     # keeps fewer than k logits and the kernel must fall back to copying the whole row.
-    vocab, k = 3000, 30
+    vocab, k = 600, 10
     g = torch.Generator().manual_seed(8)
     rows = -torch.randn(2, vocab, generator=g).abs() * 4.0
     x = rows[0] * 1.4426950408889634
     guess = x.mean() + sampling_mod._topk_z(k, vocab) * x.std(unbiased=False)
     assert (x >= guess).sum() < k, "the test row no longer exercises the fallback"
-    tokens = draw(batch_of(rows, draws=1200), seed=8, top_k=k, block=512, search_block=64)
+    tokens = draw(batch_of(rows, draws=1000), seed=8, top_k=k, block=256, search_block=64)
     check_distribution(tokens, rows, top_k=k)
 
 

@@ -1,0 +1,209 @@
+"""Checks and explanations that need a model but not a run: `lint --model` and
+`explain --model`. Built-in models are built on the `meta` device (shapes, no memory), so
+this is fast even for billion-parameter models."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from planlang import names
+from planlang.diagnostics import Diagnostic, at
+from planlang.selectors import Selector, SelectorError, resolve
+
+from .models.checkpoint import ModelLoadError, load_model
+from .models.llama import Transformer
+from .models.registry import BUILTIN_MODELS
+
+_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8_e4m3": 1, "fp8_e5m2": 1, "mxfp8": 1 + 1 / 32,
+          "nvfp4": 0.5 + 1 / 16, "mxfp4": 0.5 + 1 / 32}
+_TORCH_DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def shape_model(spec: Optional[str], trust_pickle: bool = False) -> nn.Module:
+    """The model `spec` names; built-ins on the meta device (no weights needed for lint)."""
+    spec = (spec or "").strip()
+    if spec.startswith("builtin:") and spec[8:] in BUILTIN_MODELS and not BUILTIN_MODELS[spec[8:]].weights:
+        entry = BUILTIN_MODELS[spec[8:]]
+        with torch.device("meta"):
+            model = Transformer(entry())
+        return model.to(dtype=entry.dtype)
+    return load_model(spec or None, trust_pickle=trust_pickle, device="cpu").model
+
+
+def op_of(model: nn.Module, name: str, module: nn.Module) -> Optional[str]:
+    """The op kind of a module for `:op` selectors (spec §3)."""
+    if isinstance(module, nn.Linear):
+        head = getattr(model, "lm_head", None) or getattr(model, "get_output_embeddings", lambda: None)()
+        return "lm_head" if module is head else "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    cls = type(module).__name__.lower()
+    if "norm" in cls:
+        return "norm"
+    if "cache" in cls:
+        return "kv_cache"
+    return None
+
+
+def _winners(model: nn.Module, rules, mod_names, ops) -> dict[str, int]:
+    """For each (module, op) leaf the index of the last rule that takes it."""
+    out = {}
+    for i, rule in enumerate(rules):
+        sel = Selector.parse(rule.at)
+        for n in mod_names:
+            if ops.get(n) is None:
+                continue
+            if sel.op is not None and sel.op != ops[n]:
+                continue
+            if sel.selects(n):
+                out[n] = i
+    return out
+
+
+def model_diagnostics(loaded, model_spec: str, *, target: Optional[str], catalog, trust_pickle=False) -> list[Diagnostic]:
+    """lint --model: selectors that name nothing, rules that never win, GEMM shapes the
+    dtype's kernel cannot take, tensor-parallel divisibility, and memory fit."""
+    plan, src = loaded.plan, loaded.source
+    diags: list[Diagnostic] = []
+    try:
+        model = shape_model(model_spec, trust_pickle)
+    except ModelLoadError as exc:
+        return [Diagnostic("PL100", f"{exc.path or model_spec}: {exc.message}", file=str(exc.path or model_spec),
+                           hint=exc.hint)]
+    mods = dict(model.named_modules())
+    mod_names = list(mods)
+    ops = {n: op_of(model, n, m) for n, m in mods.items()}
+
+    def check(path, text, required=True):
+        try:
+            hits = resolve(Selector.parse(text), mod_names)
+        except SelectorError:
+            return []
+        sel = Selector.parse(text)
+        if sel.op is not None:
+            hits = [h for h in mod_names if ops.get(h) == sel.op and sel.selects(h)] or \
+                   ([] if sel.op not in ("qk", "pv", "attention", "softmax", "act", "matmul") else hits)
+        if not hits:
+            diags.append(at(src, path, "PL309" if required else "PL312",
+                            f"'{text}' names no {'module' if sel.op is None else sel.op} of this model",
+                            hint=f"the model's modules look like: {', '.join(mod_names[1:4])}, ..."))
+        return hits
+
+    for i, f in enumerate(plan.fusions):
+        if f.kind != "sampling":
+            check(("fusions", i, "at"), f.at, f.required)
+    rules = plan.precision_rules()
+    n_preset = len(rules) - len(plan.precision.rules)
+    for i, r in enumerate(plan.precision.rules):
+        check(("precision", "rules", i, "at"), r.at)
+    for i, r in enumerate(plan.memory.offload):
+        check(("memory", "offload", i, "at"), r.at)
+    for i, r in enumerate(plan.parallel.styles):
+        check(("parallel", "styles", i, "at"), r.at)
+    # precedence with the model: a rule that wins nowhere
+    win = _winners(model, rules, mod_names, ops)
+    winners = set(win.values())
+    for i, r in enumerate(plan.precision.rules):
+        if (n_preset + i) not in winners and any(d.code == "PL309" and d.line == (src.value(("precision", "rules", i, "at")) or d).line for d in diags) is False:
+            later = [j for j in range(n_preset + i + 1, len(rules))]
+            if later:
+                diags.append(at(src, ("precision", "rules", i, "at"), "PL302",
+                                f"precision rule at '{r.at}' wins nowhere in this model: later rules take all its places",
+                                hint="the last matching rule wins; reorder or drop it"))
+    # GEMM shapes for low-precision kernels
+    for name, i in win.items():
+        rule = rules[i]
+        m = mods[name]
+        if isinstance(m, nn.Linear) and rule.dtype in names.FP8_DTYPES + names.BLOCK_DTYPES and not rule.emulate:
+            block = rule.effective_block_size() or 16
+            need = max(16, block if rule.effective_scaling() == "block" else 16)
+            for dim_name, dim in (("in_features", m.in_features), ("out_features", m.out_features)):
+                if dim % need:
+                    path = ("precision", "rules", i - n_preset, "dtype") if i >= n_preset else ("precision", "preset")
+                    diags.append(at(src, path, "PL313", f"{name}: {dim_name} {dim} is not a multiple of {need}, "
+                                    f"which {rule.dtype} GEMMs need", hint=f"exclude {name} from this rule"))
+    # tensor parallel divisibility
+    tp = plan.parallel.tensor
+    cfg = getattr(model, "config", None)
+    if tp > 1 and cfg is not None:
+        get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+        for label, key in (("query heads", "n_heads"), ("KV heads", "n_kv_heads"), ("FFN width", "ffn_dim"),
+                           ("vocabulary", "vocab_size")):
+            v = get(key) or get({"n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+                                 "ffn_dim": "intermediate_size"}.get(key, key))
+            if v and v % tp and not (key == "n_kv_heads" and tp % v == 0):
+                diags.append(at(src, ("parallel", "tensor"), "PL307", f"tensor: {tp} does not divide the {label} ({v})",
+                                hint=f"use a degree that divides {v}"))
+    # memory fit
+    if target and catalog is not None and plan.limits.max_seq_len and plan.limits.max_batch:
+        t = catalog.get(target if target != "auto" else plan.target)
+        if t is not None and t.memory_gb:
+            need = predicted_memory(model, plan, rules, win, mods)
+            total = sum(need.values())
+            if total > t.memory_gb * 1e9 * 0.95:
+                parts = ", ".join(f"{k} {v / 1e9:.1f} GB" for k, v in need.items())
+                diags.append(at(src, ("limits",), "PL207", f"needs {total / 1e9:.1f} GB ({parts}); "
+                                f"target {t.id} has {t.memory_gb:g} GB", hint="lower limits, offload layers, or split with parallel.tensor"))
+    return diags
+
+
+def predicted_memory(model, plan, rules, win, mods) -> dict[str, float]:
+    """Bytes of weights (in the dtypes the rules give), KV cache and graph pools."""
+    default = plan.precision.default
+    weights = 0.0
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        owner = name.rpartition(".")[0]
+        rule = rules[win[owner]] if owner in win else None
+        dt = rule.dtype if rule is not None else (default or _TORCH_DTYPE_NAME.get(p.dtype, "bf16"))
+        weights += p.numel() * _BYTES.get(dt, 2)
+    cfg = getattr(model, "config", None)
+    cache = 0.0
+    if isinstance(cfg, object) and hasattr(cfg, "n_layers"):
+        kv_dt = next((r.dtype for r in rules if Selector.parse(r.at).op == "kv_cache"), default or "bf16")
+        cache = (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * plan.limits.max_seq_len * plan.limits.max_batch
+                 * _BYTES.get(kv_dt, 2)) / max(plan.parallel.tensor, 1)
+        weights /= max(plan.parallel.tensor, 1)
+    pools = 0.0
+    if plan.graphs.capture == "cuda_graph" and hasattr(cfg, "dim"):
+        # activations of the largest bucket at decode, held once by the shared pool
+        pools = plan.graphs.buckets[-1] * (cfg.vocab_size + 8 * cfg.dim + 2 * cfg.ffn_dim) * 4
+    return {"weights": weights, "kv_cache": cache, "graph_pools": pools}
+
+
+def explain_with_model(data: dict, loaded, model_spec: str, target, catalog, *, trust_pickle=False, context=128) -> dict:
+    """explain --model: the places each rule takes and the predicted memory."""
+    plan = loaded.plan
+    model = shape_model(model_spec, trust_pickle)
+    mods = dict(model.named_modules())
+    mod_names = list(mods)
+    ops = {n: op_of(model, n, m) for n, m in mods.items()}
+    places = []
+    for i, f in enumerate(plan.fusions):
+        if f.kind == "sampling":
+            places.append("sampling: the generation loop")
+            continue
+        hits = resolve(Selector.parse(f.at), mod_names)
+        places.append(f"fusion {f.kind} at '{f.at}': {len(hits)} module(s) in scope; sites are found by tracing at apply")
+    rules = plan.precision_rules()
+    win = _winners(model, rules, mod_names, ops)
+    by_rule: dict[int, list[str]] = {}
+    for n, i in win.items():
+        by_rule.setdefault(i, []).append(n)
+    for i, r in enumerate(rules):
+        hits = by_rule.get(i, [])
+        shown = ", ".join(hits[:3]) + (f" … (+{len(hits) - 3})" if len(hits) > 3 else "")
+        places.append(f"precision '{r.at}' -> {r.dtype}: {len(hits)} place(s) {shown}")
+    for r in plan.memory.offload:
+        hits = resolve(Selector.parse(r.at), mod_names)
+        places.append(f"offload '{r.at}': {len(hits)} module(s)")
+    data["places"] = places
+    if plan.limits.max_seq_len and plan.limits.max_batch:
+        mem = predicted_memory(model, plan, rules, win, mods)
+        data["predictions"] = [f"memory: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in mem.items())]
+    return data
