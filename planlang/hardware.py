@@ -338,7 +338,7 @@ def _did_you_mean(word: object, options: Sequence[str]) -> str | None:
 
 def _read_document(text: str, file: str) -> tuple[Any, yaml.Node | None]:
     """The document and its node tree, read with the safe loader (no tags, no objects)."""
-    loader = yaml.SafeLoader(text)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)  # libyaml when present: ~5x faster
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None

@@ -67,6 +67,17 @@ def read_document(path: str | Path, data: bytes | None = None) -> tuple[object, 
     return read_yaml(data, file)
 
 
+def _text_of(path: Path) -> SourceMap | None:
+    """The file's text for showing the offending line of a read error (if it decodes)."""
+    try:
+        data = path.read_bytes()
+        if len(data) > MAX_BYTES:
+            return None
+        return SourceMap(file=str(path), text=data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def _source_error(exc: SourceError, file: str, source: SourceMap | None = None) -> Diagnostic:
     text = source.line_text(exc.span.line) if (source and exc.span) else None
     return Diagnostic(exc.code, exc.message, "", file, exc.span, exc.hint, text)
@@ -97,11 +108,9 @@ def _read_chain(path: Path, cwd: Path, seen: list[Path], diags: list[Diagnostic]
     """Documents of `path` and its bases, nearest first; problems go to `diags`."""
     file = str(path)
     try:
-        text_source = None
         doc, source = read_document(path)
-        text_source = source
     except SourceError as exc:
-        diags.append(_source_error(exc, file, text_source))
+        diags.append(_source_error(exc, file, _text_of(path)))
         return []
     layers = [(doc, source)]
     if not isinstance(doc, dict) or "extends" not in doc:
