@@ -71,10 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_format(p)
 
     p = sub.add_parser("bench", help="time planned models against eager and torch.compile")
-    p.add_argument("plans", nargs="+", metavar="PLAN_OR_MODEL")
-    p.add_argument("--against", default="eager,compile")
-    p.add_argument("--context", type=int, default=128)
+    p.add_argument("plans", nargs="+", metavar="PLAN... [MODEL]")
+    p.add_argument("--against", default="eager,compile", help="baselines: eager, compile (reduce-overhead)")
+    p.add_argument("--context", type=int, default=128, help="decode context (tokens in the cache)")
+    p.add_argument("--prefill", type=int, default=2048, help="prefill length to time (0: none)")
+    p.add_argument("--batch", type=int, action="append", help="batch sizes (default: the plans' buckets)")
     p.add_argument("--device")
+    p.add_argument("--plot", metavar="PNG", help="latency per batch size, per contender")
+    p.add_argument("--profile", action="store_true", help="time per kernel of one planned decode step")
     p.add_argument("--trust-pickle", action="store_true")
     _add_format(p)
 

@@ -63,6 +63,7 @@ class Report:
     backend: str
     rules: list[RuleReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    graphs: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -302,5 +303,31 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         report.notes.append(f"compile mode {plan.compile.mode} runs as {mode}: planlang captures the graphs")
     if mode != "none":
         report.notes.append(f"compiled with Inductor, mode {mode}")
+    forward = _capture_graphs(model, plan, forward, device, report)
     planned = PlannedModel(model, plan, report, forward, weights, sampling)
     return planned
+
+
+def _capture_graphs(model: nn.Module, plan: Plan, forward: Callable, device: torch.device, report: Report) -> Callable:
+    """Step 5: the bucket runner around the planned forward (decode steps replay graphs)."""
+    if plan.graphs.capture != "cuda_graph":
+        return forward
+    if device.type != "cuda":
+        report.notes.append("graphs: capture skipped: CUDA graphs need a CUDA device; the planned forward runs eagerly")
+        return forward
+    if plan.mode == "training":
+        report.notes.append("graphs: capture skipped in training mode")
+        return forward
+    from .passes.graphs import BucketRunner, CaptureError
+    vocab = model.config.vocab_size if not isinstance(model.config, dict) else model.config["vocab_size"]
+    runner = BucketRunner(forward, plan.graphs.buckets, device, vocab, plan.graphs.over_max, plan.graphs.warmup)
+    try:
+        cap = runner.capture()
+    except CaptureError as exc:
+        report.notes.append(f"graphs: {exc}; the model runs eagerly")
+        return forward
+    report.graphs = {"buckets": sorted(runner.graphs), "capture_s": round(cap.capture_s, 3),
+                     "pool_mib": round(cap.pool_mib, 1), "failed": cap.failed}
+    for size, why in cap.failed.items():
+        report.notes.append(f"graphs: bucket {size} not captured ({why}); batches on it run eagerly")
+    return runner

@@ -205,9 +205,202 @@ def _not_yet(name: str, issue: str):
     return run
 
 
+def _split_plans_model(items: list[str]) -> tuple[list[str], Optional[str]]:
+    """`bench PLAN... [MODEL]`: the last item is the model when it is not a plan file."""
+    from planlang.loader import PLAN_SUFFIXES
+    if items and not items[-1].endswith(PLAN_SUFFIXES):
+        return items[:-1], items[-1]
+    return items, None
+
+
+def cmd_bench(args) -> int:
+    from .bench import Row, copy_bandwidth_gbs, decode_step, fill_cache, step_bytes, time_ms
+    from .predict import predict_decode
+    from planlang.hardware import load_catalog
+
+    plan_files, model_spec = _split_plans_model(args.plans)
+    plans = []
+    for f in plan_files:
+        loaded = load_with_source(f)
+        if loaded.plan is None:
+            print(render_text(loaded.diagnostics), file=sys.stderr)
+            return EXIT_ERRORS
+        plans.append(loaded)
+    device = _device(args.device)
+    against = [a.strip() for a in args.against.split(",") if a.strip()]
+    unknown = [a for a in against if a not in ("eager", "compile")]
+    if unknown:
+        return _usage(f"--against takes eager and/or compile, not {', '.join(unknown)}")
+    try:
+        lm = load_model(model_spec, trust_pickle=args.trust_pickle, device=device)
+    except ModelLoadError as exc:
+        return _model_error(exc)
+    model = lm.model.eval()
+    if not hasattr(model, "setup_caches"):
+        return _usage(f"{lm.source}: bench drives built-in models and planlang checkpoints")
+    cfg = model.config
+    buckets = sorted({b for p in plans for b in (p.plan.graphs.buckets if p.plan.graphs.capture == "cuda_graph" else [1])}
+                     | set(args.batch or []))
+    if args.batch:
+        buckets = sorted(set(args.batch))
+    context = args.context
+    prefill = args.prefill
+    max_seq = max(context + 8, prefill + 8)
+    model.setup_caches(max(buckets), max_seq)
+    bw = copy_bandwidth_gbs(device)
+    catalog = load_catalog()
+    target = catalog.get(device_target(device))
+    launch_us = measure_launch_us(device) if device.type == "cuda" else (target.launch_us if target else 5.0)
+    rows: list[Row] = []
+    notes = []
+    reps = 50 if device.type == "cuda" else 3
+
+    def decode_rows(name, fn, fill_fn, predicted=None):
+        for b in buckets:
+            fill_cache(fill_fn, b, context, cfg.vocab_size, device)
+            ms = time_ms(decode_step(fn, b, context, cfg.vocab_size, device), device, reps=reps)
+            floor = step_bytes(model, b, context) / (bw * 1e9) * 1e3
+            pred = predicted(b) if predicted else None
+            rows.append(Row(name, b, ms, b / ms * 1e3, ms / floor, pred, {"floor_ms": floor}))
+
+    if "eager" in against:
+        decode_rows("eager", model, model)
+    if "compile" in against:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, mode="reduce-overhead", dynamic=False)
+        decode_rows("compile(reduce-overhead)", compiled, model)
+    for loaded in plans:
+        plan = loaded.plan
+        torch._dynamo.reset()
+        try:
+            planned = apply(model, plan, source=loaded.source, device=device)
+        except ApplyError as exc:
+            print(render_text(exc.diagnostics), file=sys.stderr)
+            return EXIT_ERRORS
+        if plan.graphs.capture == "cuda_graph" and device.type != "cuda":
+            notes.append(f"{plan.name}: CUDA graphs skipped on {device.type}")
+        kinds = {f.kind for f in plan.fusions}
+        low = {r.dtype for r in plan.precision_rules()}
+        wb = 1.0 if any(d.startswith("fp8") for d in low) else 2.0
+        tf = (target.tflops.get("bf16") if target else None) or 100.0
+        graphs = plan.graphs.capture == "cuda_graph" and device.type == "cuda"
+        pred = (lambda b, kinds=kinds, wb=wb, graphs=graphs: predict_decode(
+            cfg, kinds, wb, b, context, bw, tf, launch_us, graphs).ms)
+        decode_rows(f"plan {plan.name}", planned, planned, pred)
+        notes.extend(f"{plan.name}: {n}" for n in planned.report.notes)
+    # prefill
+    if prefill:
+        toks = torch.randint(0, cfg.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(2)).to(device)
+        pos = torch.arange(prefill, device=device)
+        pre = []
+        def pf(fn):
+            def run():
+                with torch.no_grad():
+                    fn(toks, pos)
+            return run
+        if "eager" in against:
+            pre.append(("eager", time_ms(pf(model), device, reps=max(3, reps // 5), warmup=2)))
+        for loaded in plans:
+            pass
+        if plans:
+            pre.append((f"plan {plans[-1].plan.name}", time_ms(pf(planned), device, reps=max(3, reps // 5), warmup=2)))
+        for name, ms in pre:
+            rows.append(Row(name, 1, ms, prefill / ms * 1e3, None, None, {"prefill_tokens": prefill}))
+    result = {"model": lm.source, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "triton": _triton_version(), "context": context,
+              "copy_bandwidth_gbs": bw, "catalog_bandwidth_gbs": target.memory_bandwidth_gbs if target else None,
+              "launch_us": launch_us, "rows": [r.__dict__ for r in rows], "notes": notes}
+    if args.format == "json":
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        _print_bench(result)
+    if args.plot:
+        _plot(result, args.plot)
+    return EXIT_OK
+
+
+def measure_launch_us(device: torch.device, n: int = 200) -> float:
+    """Cost of one tiny kernel inside a replayed CUDA graph, in microseconds."""
+    x = torch.zeros(1, device=device)
+    for _ in range(3):
+        x.add_(1)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream(device)
+    with torch.cuda.stream(s):
+        x.add_(1)
+    torch.cuda.current_stream(device).wait_stream(s)
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            x.add_(1)
+    from .bench import time_ms
+    return time_ms(g.replay, device, reps=20) * 1e3 / n
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except Exception:
+        return None
+
+
+def _print_bench(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    con = Console(width=140)
+    con.print(f"[bold]planlang bench[/bold] {r['model']} on {r['device']} (torch {r['torch']}, triton {r['triton']}), "
+              f"decode at context {r['context']}; copy bandwidth {r['copy_bandwidth_gbs']:.0f} GB/s measured"
+              + (f", {r['catalog_bandwidth_gbs']:.0f} GB/s catalog" if r['catalog_bandwidth_gbs'] else "")
+              + f"; launch {r['launch_us']:.2f} us")
+    t = Table()
+    for col in ("contender", "batch", "ms", "tokens/s", "floor ms", "x floor", "predicted ms", "pred. error"):
+        t.add_column(col, justify="right" if col != "contender" else "left")
+    for row in r["rows"]:
+        floor = row["extra"].get("floor_ms")
+        pred = row["predicted_ms"]
+        err = f"{(pred - row['ms']) / row['ms'] * 100:+.0f}%" if pred else ""
+        name = row["contender"] + (f" (prefill {row['extra']['prefill_tokens']})" if "prefill_tokens" in row["extra"] else "")
+        t.add_row(name, str(row["batch"]), f"{row['ms']:.3f}", f"{row['tokens_s']:.0f}",
+                  f"{floor:.3f}" if floor else "", f"{row['floor_ratio']:.2f}" if row["floor_ratio"] else "",
+                  f"{pred:.3f}" if pred else "", err)
+    con.print(t)
+    for n in r["notes"]:
+        con.print(f"  note: {n}")
+    dec = [x for x in r["rows"] if "prefill_tokens" not in x["extra"]]
+    base = {x["batch"]: x["ms"] for x in dec if x["contender"].startswith("compile")}
+    best = {}
+    for x in dec:
+        if x["contender"].startswith("plan"):
+            best[x["batch"]] = min(best.get(x["batch"], 1e9), x["ms"])
+    if base and best:
+        b1 = min(best)
+        con.print(f"headline: batch {b1}: best plan {best[b1]:.3f} ms vs compile(reduce-overhead) "
+                  f"{base.get(b1, float('nan')):.3f} ms = {base.get(b1, float('nan')) / best[b1]:.2f}x faster")
+
+
+def _plot(r: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("planlang bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(x["contender"] for x in r["rows"] if "prefill_tokens" not in x["extra"]):
+        pts = [(x["batch"], x["ms"]) for x in r["rows"] if x["contender"] == name and "prefill_tokens" not in x["extra"]]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("ms per decode step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 COMMANDS = {
     "apply": cmd_apply,
     "export": cmd_export,
-    "bench": _not_yet("bench", "graph capture and bench"),
+    "bench": cmd_bench,
     "tune": _not_yet("tune", "plan autotuning"),
 }

@@ -252,7 +252,7 @@ if _HAVE_TRITON:
         """Inverse-CDF draw among the x >= cutoff: the first position where the running mass
         reaches u * total. Returns the vocabulary index (through the scratch index row when
         FROM_CANDIDATES). If rounding leaves the target unreached, the last survivor wins."""
-        target = u * total
+        target = u * u * total
         run = tl.zeros([ROWS], tl.float32)
         found = tl.zeros([ROWS], tl.int32) - 1
         last = tl.zeros([ROWS], tl.int32)

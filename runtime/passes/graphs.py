@@ -1,0 +1,113 @@
+"""CUDA-graph capture buckets (`graphs.capture: cuda_graph`).
+
+One graph per bucket, all sharing one memory pool, each replaying one decode step of the
+planned model for a batch of that size. A batch runs on the smallest bucket that holds
+it: its tokens go into rows 0..B-1 of the bucket's static token buffer, rows B.. are
+padding. Real sequences own cache rows 0..B-1, so padding rows write only into cache rows
+that no real sequence of this step owns, and their logits are never returned. Positions
+live in a static device tensor, so one graph serves every step; prefill (more than one
+token) runs eagerly through the same planned forward.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+class CaptureError(RuntimeError):
+    """A bucket could not be captured; names the bucket and the cause."""
+
+
+@dataclass
+class BucketGraph:
+    size: int
+    graph: "torch.cuda.CUDAGraph"
+    tokens: torch.Tensor     # [size, 1] static input
+    logits: torch.Tensor     # [size, 1, vocab] static output
+
+
+@dataclass
+class CaptureReport:
+    buckets: list[int]
+    capture_s: float = 0.0
+    pool_mib: float = 0.0
+    failed: dict = field(default_factory=dict)
+
+
+class BucketRunner:
+    """Replays the captured decode step for batches up to the largest bucket.
+
+    `__call__(tokens [B, T], input_pos [T])`: T == 1 and B <= max bucket replays a graph;
+    anything else runs `eager` (or raises, when `over_max` is "error" and B is too big).
+    """
+
+    def __init__(self, forward: Callable, buckets: list[int], device: torch.device, vocab: int,
+                 over_max: str = "eager", warmup: int = 3):
+        self.forward = forward
+        self.buckets = sorted(buckets)
+        self.device = device
+        self.vocab = vocab
+        self.over_max = over_max
+        self.warmup = max(1, warmup)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.graphs: dict[int, BucketGraph] = {}
+        self.pool = None
+        self.report = CaptureReport(self.buckets)
+
+    def bucket_for(self, batch: int) -> Optional[int]:
+        return next((b for b in self.buckets if b >= batch), None)
+
+    @torch.no_grad()
+    def capture(self, start_pos: int = 0) -> CaptureReport:
+        """Capture every bucket (largest first, so the pool is sized once). Positions used
+        for warm-up write cache slots at `start_pos`, which the first real step overwrites."""
+        if self.device.type != "cuda":
+            raise CaptureError("CUDA graphs need a CUDA device")
+        t0 = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.pos.fill_(start_pos)
+        stream = torch.cuda.Stream(self.device)
+        for size in sorted(self.buckets, reverse=True):
+            tokens = torch.zeros(size, 1, dtype=torch.long, device=self.device)
+            try:
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    for _ in range(self.warmup):
+                        self.forward(tokens, self.pos)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    logits = self.forward(tokens, self.pos)
+            except Exception as exc:  # a host sync, a dynamic shape, an uncapturable op
+                self.report.failed[size] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                torch.cuda.synchronize(self.device)
+                continue
+            self.graphs[size] = BucketGraph(size, graph, tokens, logits)
+        torch.cuda.synchronize(self.device)
+        self.report.capture_s = time.perf_counter() - t0
+        self.report.pool_mib = (torch.cuda.memory_allocated(self.device) - before) / 2**20
+        if self.report.failed and not self.graphs:
+            size, why = next(iter(self.report.failed.items()))
+            raise CaptureError(f"capturing bucket {size} failed: {why}")
+        return self.report
+
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        batch, steps = tokens.shape
+        bucket = self.bucket_for(batch) if steps == 1 and not args and not kwargs else None
+        g = self.graphs.get(bucket) if bucket is not None else None
+        if g is None:
+            if steps == 1 and bucket is None and self.over_max == "error":
+                raise ValueError(f"batch {batch} is larger than the largest bucket ({self.buckets[-1]}) "
+                                 "and graphs.over_max is error")
+            return self.forward(tokens, input_pos, *args, **kwargs)
+        g.tokens[:batch].copy_(tokens)
+        if batch < bucket:
+            g.tokens[batch:].zero_()
+        self.pos.copy_(input_pos.reshape(1))
+        g.graph.replay()
+        return g.logits[:batch].clone()

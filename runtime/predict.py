@@ -1,0 +1,53 @@
+"""The roofline cost model that `explain`, `bench` and `tune` share.
+
+A decode step is a list of kernels. Each kernel costs the larger of its bytes over the
+memory bandwidth and its FLOPs over the dtype's rate; inside a CUDA graph each launch adds
+`launch_us` (the target's figure, or one measured on the device). Eager runs pay a Python
+and launch overhead per op instead (`eager_us`). Weights count in the dtypes the plan
+gives them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8_e4m3": 1, "fp8_e5m2": 1, "mxfp8": 1 + 1 / 32,
+          "nvfp4": 0.5 + 1 / 16, "mxfp4": 0.5 + 1 / 32}
+
+# Kernels one layer launches at decode, by whether each fusion is on (counted from the
+# built-in model's graph): fused, unfused.
+_KERNELS = {"rmsnorm_residual": (2, 12), "qkv": (1, 3), "swiglu": (1, 4), "rope_kvcache": (1, 16),
+            "attention": (2, 14)}
+_FIXED = 2  # o projection and down projection
+
+
+@dataclass
+class Prediction:
+    batch: int
+    ms: float
+    bytes: float
+    flops: float
+    launches: int
+    bound: str
+
+
+def predict_decode(cfg, fusions: set, weight_dtype_bytes: float, batch: int, context: int,
+                   bandwidth_gbs: float, tflops: float, launch_us: float, graphs: bool,
+                   eager_us: float = 25.0, linear_weight_bytes: float | None = None) -> Prediction:
+    """Predicted time of one decode step of a Llama-style model (`cfg` a ModelConfig)."""
+    d, L, hd = cfg.dim, cfg.n_layers, cfg.head_dim
+    q, kv, f, v = cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.ffn_dim, cfg.vocab_size
+    linear_params = L * (d * (q + 2 * kv) + q * d + 3 * d * f)
+    head_params = v * d
+    wbytes = linear_weight_bytes if linear_weight_bytes is not None else linear_params * weight_dtype_bytes
+    wbytes += head_params * 2  # the LM head (and tied embedding) stay in bf16
+    kv_bytes = 2 * L * kv * context * batch * 2
+    act_bytes = batch * L * (8 * d + 4 * f) * 2
+    total = wbytes + kv_bytes + act_bytes
+    flops = 2 * batch * (linear_params + head_params) + 4 * batch * L * cfg.n_heads * hd * context
+    t_mem = total / (bandwidth_gbs * 1e9)
+    t_flop = flops / (tflops * 1e12)
+    per_layer = sum(k[0] if name in fusions else k[1] for name, k in _KERNELS.items()) + _FIXED
+    launches = L * per_layer + 4
+    overhead = launches * (launch_us if graphs else eager_us) * 1e-6
+    t = max(t_mem, t_flop) + overhead
+    return Prediction(batch, t * 1e3, total, flops, launches, "memory" if t_mem >= t_flop else "compute")
