@@ -176,6 +176,10 @@ def bench_rmsnorm(res: Results, iters: int, sweep: bool) -> None:
             res.run(f"{case} sweep {rows}/{warps}", one)
 
 
+def _cfg(c: SkinnyConfig) -> str:
+    return f"bn{c.block_n} bk{c.block_k} split{c.split_k} w{c.num_warps} st{c.num_stages}"
+
+
 def _weights(rows: int, cols: int, copies: int, dtype=torch.bfloat16):
     return [torch.randn(rows, cols, device="cuda", dtype=dtype) * cols ** -0.5 for _ in range(copies)]
 
@@ -230,7 +234,7 @@ def bench_skinny_sweep(res: Results, iters: int) -> None:
             base = time_graph([lambda w=w: F.linear(x, w) for w in ws], iters)
             res.add(case, "cuBLAS", base, nbytes, copies=copies)
             heur = time_graph([lambda w=w: qkv_mod.linear(x, w) for w in ws], iters)
-            res.add(case, f"triton heuristic {qkv_mod.skinny_config(n, k, 2, x.device)}", heur, nbytes, base)
+            res.add(case, f"triton {_cfg(qkv_mod.skinny_config(n, k, 2, x.device))}", heur, nbytes, base)
             best = None
             for cfg in configs:
                 try:
@@ -241,7 +245,7 @@ def bench_skinny_sweep(res: Results, iters: int) -> None:
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
             if best:
-                res.add(case, f"best {best[1]}", best[0], nbytes, base, best_config=best[1].__dict__)
+                res.add(case, f"best {_cfg(best[1])}", best[0], nbytes, base, best_config=best[1].__dict__)
 
 
 def bench_rope(res: Results, iters: int) -> None:

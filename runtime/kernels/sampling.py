@@ -151,7 +151,7 @@ if _HAVE_TRITON:
             x = _load_block(logits_ptr, row_base, cols, n, row_ok, x_scale)
             m_new = tl.maximum(m, tl.max(x, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row of -inf so far: no NaN
-            z = z * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
+            z = z + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
             m = m_new
             is_finite = x > float("-inf")
             x_min = tl.minimum(x_min, tl.min(tl.where(is_finite, x, float("inf")), axis=1))
@@ -252,7 +252,7 @@ if _HAVE_TRITON:
         """Inverse-CDF draw among the x >= cutoff: the first position where the running mass
         reaches u * total. Returns the vocabulary index (through the scratch index row when
         FROM_CANDIDATES). If rounding leaves the target unreached, the last survivor wins."""
-        target = u * u * total
+        target = u * total
         run = tl.zeros([ROWS], tl.float32)
         found = tl.zeros([ROWS], tl.int32) - 1
         last = tl.zeros([ROWS], tl.int32)

@@ -792,3 +792,12 @@ def test_lone_surrogate_in_the_text_form_is_no_traceback(tmp_path):
     proc = run_process("fmt", plan)
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.returncode in (0, 1)
+
+
+@pytest.mark.xfail(strict=True, reason="validate.check_parallel tests target.vendor in ('nvidia', 'cpu'), but "
+                                       "the shipped cpu target has vendor 'any': `target: cpu` with tensor 2 "
+                                       "gets PL209 'target cpu has neither', against spec §8a (gloo on CPU)")
+def test_tensor_parallel_on_the_cpu_target_is_allowed(capsys, tmp_path):
+    plan = write(tmp_path / "tp_cpu.yaml", "planlang: 1\ntarget: cpu\nparallel: {tensor: 2}\n")
+    rc, out, _ = run(capsys, "lint", plan)
+    assert rc == 0, out

@@ -72,6 +72,10 @@ KNOWN_BUGS = {
 }
 
 
+# Cases skipped per known bug, for the benchmark's report.
+KNOWN_BUG_HITS: collections.Counter = collections.Counter()
+
+
 def known_bug(exc: BaseException) -> bool:
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
@@ -79,7 +83,11 @@ def known_bug(exc: BaseException) -> bool:
     if tb is None:
         return False
     code = tb.tb_frame.f_code
-    return (type(exc).__name__, Path(code.co_filename).name, code.co_name) in KNOWN_BUGS
+    signature = (type(exc).__name__, Path(code.co_filename).name, code.co_name)
+    if signature in KNOWN_BUGS:
+        KNOWN_BUG_HITS[signature] += 1
+        return True
+    return False
 
 
 class tolerate_known_bugs:
@@ -376,16 +384,18 @@ def billion_laughs(levels: int = 9, width: int = 9) -> str:
 
 def test_an_alias_bomb_is_refused_with_pl103_at_once(tmp_path):
     text = billion_laughs()  # 9**9 (387 million) leaves once expanded
-    start = time.perf_counter()
+    # CPU time of this process, so a busy CI machine does not fail the test; it takes
+    # about 0.1 s, and expanding the bomb would take hours and gigabytes.
+    start = time.process_time()
     with pytest.raises(SourceError) as info:
         read_yaml(text, "bomb.yaml")
-    assert time.perf_counter() - start < 0.5
+    assert time.process_time() - start < 1.0
     assert info.value.code == "PL103"
     path = tmp_path / "bomb.yaml"
     path.write_text(text)
-    start = time.perf_counter()
+    start = time.process_time()
     loaded = load_with_source(path, cwd=tmp_path)
-    assert time.perf_counter() - start < 0.5
+    assert time.process_time() - start < 1.0
     assert loaded.plan is None and [d.code for d in loaded.diagnostics] == ["PL103"]
 
 
@@ -406,9 +416,9 @@ def test_a_file_over_1_mib_is_refused_with_pl100(tmp_path, suffix):
     path = tmp_path / f"big{suffix}"
     path.write_bytes(big_plan(MAX_BYTES + 1, suffix))
     assert path.stat().st_size == MAX_BYTES + 1
-    start = time.perf_counter()
+    start = time.process_time()
     loaded = load_with_source(path, cwd=tmp_path)
-    assert time.perf_counter() - start < 0.5
+    assert time.process_time() - start < 0.5  # refused from its size, not parsed
     assert loaded.plan is None
     (d,) = loaded.diagnostics
     assert d.code == "PL100" and "1 MiB" in d.message
