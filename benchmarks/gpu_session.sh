@@ -4,6 +4,11 @@
 set -u
 OUT=${OUT:-/tmp/planlang_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# Packages the GPU image lacks travel as wheels in .whl (see docs/PERFORMANCE.md).
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > "$OUT/wheels.log" 2>&1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || \
   python3 -m pip install -q --no-deps -e . >> "$OUT/install.log" 2>&1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader;
