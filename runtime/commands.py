@@ -253,6 +253,7 @@ def cmd_bench(args) -> int:
     launch_us = measure_launch_us(device) if device.type == "cuda" else (target.launch_us if target else 5.0)
     rows: list[Row] = []
     notes = []
+    profiles: dict[str, list] = {}
     reps = 50 if device.type == "cuda" else 3
 
     def decode_rows(name, fn, fill_fn, predicted=None):
@@ -288,6 +289,8 @@ def cmd_bench(args) -> int:
             cfg, kinds, wb, b, context, bw, tf, launch_us, graphs).ms)
         decode_rows(f"plan {plan.name}", planned, planned, pred)
         notes.extend(f"{plan.name}: {n}" for n in planned.report.notes)
+        if args.profile:
+            profiles[plan.name] = profile_step(decode_step(planned, buckets[0], context, cfg.vocab_size, device), device)
     # prefill
     if prefill:
         toks = torch.randint(0, cfg.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(2)).to(device)
@@ -309,7 +312,7 @@ def cmd_bench(args) -> int:
     result = {"model": lm.source, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "triton": _triton_version(), "context": context,
               "copy_bandwidth_gbs": bw, "catalog_bandwidth_gbs": target.memory_bandwidth_gbs if target else None,
-              "launch_us": launch_us, "rows": [r.__dict__ for r in rows], "notes": notes}
+              "launch_us": launch_us, "rows": [r.__dict__ for r in rows], "notes": notes, "profile": profiles}
     if args.format == "json":
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -317,6 +320,28 @@ def cmd_bench(args) -> int:
     if args.plot:
         _plot(result, args.plot)
     return EXIT_OK
+
+
+def profile_step(step, device: torch.device, steps: int = 10) -> list[dict]:
+    """Time per kernel of one step (torch.profiler, averaged over `steps` steps)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for _ in range(3):
+        step()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    rows = []
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0))
+        if device.type == "cuda" and dev_us <= 0:
+            continue
+        rows.append({"kernel": ev.key, "us_per_step": (dev_us if device.type == "cuda" else ev.cpu_time_total) / steps,
+                     "calls_per_step": ev.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows[:40]
 
 
 def measure_launch_us(device: torch.device, n: int = 200) -> float:
@@ -366,6 +391,13 @@ def _print_bench(r: dict) -> None:
     con.print(t)
     for n in r["notes"]:
         con.print(f"  note: {n}")
+    for name, prof in r.get("profile", {}).items():
+        pt = Table(title=f"profile: plan {name}, one decode step at batch {r['rows'][0]['batch']}")
+        for col in ("kernel", "us/step", "calls/step"):
+            pt.add_column(col, justify="left" if col == "kernel" else "right", overflow="fold")
+        for p in prof[:25]:
+            pt.add_row(p["kernel"][:90], f"{p['us_per_step']:.1f}", f"{p['calls_per_step']:.1f}")
+        con.print(pt)
     dec = [x for x in r["rows"] if "prefill_tokens" not in x["extra"]]
     base = {x["batch"]: x["ms"] for x in dec if x["contender"].startswith("compile")}
     best = {}

@@ -40,7 +40,6 @@ try:  # the module must import without triton: the reference still works then
 except Exception:  # ImportError, or a broken install raising anything
     _HAVE_TRITON = False
 
-_LOG2E = 1.4426950408889634
 
 
 # --------------------------------------------------------------------------------------

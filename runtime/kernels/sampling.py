@@ -36,7 +36,6 @@ same distribution, not the same tokens.
 """
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Optional, Union
 
@@ -151,7 +150,7 @@ if _HAVE_TRITON:
             x = _load_block(logits_ptr, row_base, cols, n, row_ok, x_scale)
             m_new = tl.maximum(m, tl.max(x, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row of -inf so far: no NaN
-            z = z + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
+            z = z * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
             m = m_new
             is_finite = x > float("-inf")
             x_min = tl.minimum(x_min, tl.min(tl.where(is_finite, x, float("inf")), axis=1))
@@ -310,11 +309,12 @@ if _HAVE_TRITON:
                 seed = tl.load(seed_ptr)
             else:
                 seed = seed_value
+            counter = rows.to(tl.int64)
             if OFFSET_IN_TENSOR:
-                offset = tl.load(offset_ptr).to(tl.int64)
+                counter += tl.load(offset_ptr).to(tl.int64) * 1048576  # 1048576 = 2**_ROW_BITS
             else:
-                offset = tl.to_tensor(offset_value).to(tl.int64)
-            bits = tl.randint(seed, offset * 1048576 + rows.to(tl.int64))  # 1048576 = 2**_ROW_BITS
+                counter += offset_value * 1048576  # (an int arg equal to 1 arrives as a constexpr)
+            bits = tl.randint(seed, counter)
             u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # 24 bits, strictly inside (0, 1)
 
             m, z, x_min, mean, std = _row_stats(logits_ptr, row_base, row_ok, n, x_scale, ROWS, BLOCK, TOP_K)

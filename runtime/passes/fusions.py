@@ -21,7 +21,8 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from .graph import ADD_TARGETS, LINEAR_TARGETS, MUL_TARGETS, GraphView, erase_unused, is_call, node_module
+from .graph import (LINEAR_TARGETS, MUL_METHODS, MUL_TARGETS, GraphView, adopt, erase_unused, evaluate, is_add, is_call,
+                    is_inplace, node_module, shape_dtype)
 
 
 @dataclass
@@ -98,48 +99,90 @@ def _is_mean(n) -> bool:
     return is_call(n, {torch.mean}, {"mean"})
 
 
+# Norm-wise relative error within which a candidate must reproduce the kernel's definition.
+_NORM_TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
+_NORM_TOL_LOW = 3e-2  # bf16 / fp16: the model may round once more than the kernel does
+
+# Ops that return a view of their first argument (an in-place add through one of them
+# changes what later readers of the view see).
+_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand",
+                 "flatten", "unflatten", "narrow", "as_strided", "view_as", "t", "detach"}
+
+
+def _read_after(a: fx.Node, at: fx.Node, order: dict) -> bool:
+    """Whether `a` (or a view of it) is read after node `at` in graph order."""
+    for u in a.users:
+        if u is at:
+            continue
+        if order[u] > order[at]:
+            return True
+        is_view = (u.op == "call_method" and u.target in _VIEW_METHODS) or u.target is operator.getitem
+        if is_view and _read_after(u, at, order):
+            return True
+    return False
+
+
 class RMSNormResidualPass(FusionPass):
-    """`s = a + b; h = rmsnorm(s)` -> planlang::rmsnorm_residual; a norm whose input is no
-    add becomes planlang::rmsnorm (one kernel instead of six)."""
+    """`s = a + b; h = rmsnorm(s)` -> planlang::rmsnorm_residual (returns s and h); a norm
+    whose input is no such add -> planlang::rmsnorm.
+
+    How a site is recognised (never by class or attribute names):
+    1. a module's own nodes (its scope) read exactly one tensor x from outside and one
+       parameter w of shape [D] (D = x's last dimension), contain `rsqrt` and `mean`, and
+       exactly one of them is used outside the scope (the output h);
+    2. eps is the constant added to the mean; offset a constant added to the weight
+       (Gemma's `1 + w`); a norm without an eps constant is not taken;
+    3. the scope is run on a random x with a non-zero mean (so LayerNorm, which subtracts
+       it, cannot pass) and a random w, and must reproduce
+       `rmsnorm_reference(x, w, eps, offset)` in x's dtype, within one rounding;
+    4. x is a residual add when it is `a + b` (any spelling: `+`, `torch.add`, `+=`) of two
+       tensors of x's shape and dtype. An in-place add (`h += out`) is taken only when
+       the old `h` is no graph input and nothing reads it (or a view of it) afterwards.
+    """
 
     kind = "rmsnorm_residual"
 
     def find(self, view: GraphView) -> list[Site]:
         sites = []
         for path, nodes in view.scopes().items():
-            if not any(_is_rsqrt(n) for n in nodes) or not any(_is_mean(n) for n in nodes):
-                continue
-            inside = set(nodes)
-            inputs, weights = [], []
-            for n in nodes:
-                for a in n.all_input_nodes:
-                    if a in inside:
-                        continue
-                    if view.param(a) is not None:
-                        weights.append(a)
-                    elif a not in inputs:
-                        inputs.append(a)
-            outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-            if len(inputs) != 1 or len(set(weights)) != 1 or len(outputs) != 1:
-                continue
-            eps, offset = self._constants(nodes, set(weights))
-            if eps is None:
-                continue
-            x = inputs[0]
-            residual = is_call(x, ADD_TARGETS, {"add", "__add__"}) and len(x.all_input_nodes) == 2 \
-                and not any(_const(a) is not None for a in x.args)
-            sites.append(Site(self.kind, path, (path,), {"input": x, "weight": weights[0], "output": outputs[0],
-                                                         "scope": nodes},
-                              {"eps": eps, "offset": offset, "residual": residual,
-                               "dim": view.param(weights[0])[2].shape[-1]}))
+            site = self._norm_site(view, path, nodes)
+            if site is not None:
+                sites.append(site)
         return sites
+
+    def _norm_site(self, view: GraphView, path: str, nodes: list[fx.Node]) -> Optional[Site]:
+        if not any(_is_rsqrt(n) for n in nodes) or not any(_is_mean(n) for n in nodes):
+            return None
+        inside = set(nodes)
+        inputs, weights = [], []
+        for n in nodes:
+            for a in n.all_input_nodes:
+                if a in inside:
+                    continue
+                if view.param(a) is not None:
+                    weights.append(a)
+                elif a not in inputs:
+                    inputs.append(a)
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        if len(inputs) != 1 or len(set(weights)) != 1 or len(outputs) != 1:
+            return None
+        x, w = inputs[0], weights[0]
+        w_tensor = view.param(w)[2]
+        x_sd = shape_dtype(x)
+        if x_sd is None or w_tensor.dim() != 1 or not x_sd[0] or w_tensor.shape[0] != x_sd[0][-1]:
+            return None
+        eps, offset = self._constants(nodes, {w})
+        if eps is None or not self._computes_rmsnorm(nodes, x, w, outputs[0], x_sd, w_tensor, eps, offset):
+            return None
+        return Site(self.kind, path, (path,), {"input": x, "weight": w, "output": outputs[0], "scope": nodes},
+                    {"eps": eps, "offset": offset, "residual": self._residual(view, x), "dim": w_tensor.shape[0]})
 
     @staticmethod
     def _constants(nodes, weights) -> tuple[Optional[float], float]:
         """eps is the constant added to the mean of squares; offset the one added to the weight."""
         eps, offset = None, 0.0
         for n in nodes:
-            if not is_call(n, ADD_TARGETS, {"add", "__add__", "__radd__"}):
+            if not is_add(n):
                 continue
             consts = [_const(a) for a in n.args if _const(a) is not None]
             others = [a for a in n.args if isinstance(a, fx.Node)]
@@ -152,6 +195,42 @@ class RMSNormResidualPass(FusionPass):
                 offset = consts[0]
         return eps, offset
 
+    @staticmethod
+    def _computes_rmsnorm(nodes, x, w, out, x_sd, w_tensor, eps, offset) -> bool:
+        """Run the scope on random data and compare with the kernel's definition."""
+        from ..kernels.rmsnorm_residual import rmsnorm_reference
+        shape, dtype = x_sd
+        if not all(isinstance(d, int) for d in shape) or not dtype.is_floating_point:
+            return False
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        device = w_tensor.device
+        xs = (torch.randn(shape, generator=gen) + 2.0).to(device=device, dtype=dtype)
+        ws = (torch.rand(w_tensor.shape, generator=gen) + 0.5).to(device=device, dtype=w_tensor.dtype)
+        try:
+            with torch.no_grad():
+                got = evaluate(nodes, {x: xs, w: ws})[out]
+        except Exception:  # a node we cannot replay: not a site we can vouch for
+            return False
+        if not isinstance(got, torch.Tensor) or got.dtype != dtype or tuple(got.shape) != tuple(shape):
+            return False
+        want = rmsnorm_reference(xs, ws, eps, offset)
+        err = (got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)
+        return bool(err <= _NORM_TOL.get(dtype, _NORM_TOL_LOW))
+
+    @staticmethod
+    def _residual(view: GraphView, x: fx.Node) -> bool:
+        """Whether the norm's input is a residual add the fused kernel can take over."""
+        if not is_add(x) or len(x.all_input_nodes) != 2 or any(not isinstance(a, fx.Node) for a in x.args[:2]):
+            return False
+        a, b = x.args[:2]
+        if not (shape_dtype(a) == shape_dtype(b) == shape_dtype(x) is not None):
+            return False
+        if is_inplace(x):
+            order = {n: i for i, n in enumerate(view.graph.nodes)}
+            if a.op == "placeholder" or _read_after(a, x, order):
+                return False
+        return True
+
     def rewrite(self, view: GraphView, site: Site, weights: FusedWeights) -> str:
         g = view.graph
         x, w, out = site.nodes["input"], site.nodes["weight"], site.nodes["output"]
@@ -162,14 +241,16 @@ class RMSNormResidualPass(FusionPass):
                 fused = g.call_function(torch.ops.planlang.rmsnorm_residual.default, (a, b, w, eps, offset))
                 s = g.call_function(operator.getitem, (fused, 0))
                 h = g.call_function(operator.getitem, (fused, 1))
-            for n in (fused, s, h):
-                n.meta["nn_module_stack"] = site.nodes["scope"][0].meta.get("nn_module_stack")
+            adopt(fused, out, value=False)
+            adopt(s, x)
+            adopt(h, out)
             out.replace_all_uses_with(h)
             x.replace_all_uses_with(s)
             erase_unused(g, list(reversed(site.nodes["scope"])) + [x])
             return "rmsnorm_residual"
         with g.inserting_after(out):
             h = g.call_function(torch.ops.planlang.rmsnorm.default, (x, w, eps, offset))
+        adopt(h, out)
         out.replace_all_uses_with(h)
         erase_unused(g, list(reversed(site.nodes["scope"])))
         return "rmsnorm"
@@ -185,48 +266,68 @@ def _parent(path: str) -> str:
     return path.rpartition(".")[0]
 
 
-_ACTS = {"silu": ({torch.nn.functional.silu, torch._C._nn.silu if hasattr(torch._C._nn, "silu") else None}, ("silu",)),
-         "gelu_tanh": ({torch.nn.functional.gelu, torch._C._nn.gelu}, ("gelu",))}
+_SILU = {torch.nn.functional.silu} | ({torch._C._nn.silu} if hasattr(torch._C._nn, "silu") else set())
+_GELU = {torch.nn.functional.gelu, torch._C._nn.gelu}
+_SIGMOID = {torch.sigmoid, torch.nn.functional.sigmoid}
 
 
-def _act_of(n) -> Optional[str]:
-    if is_call(n, {t for t in _ACTS["silu"][0] if t is not None}, _ACTS["silu"][1]):
-        return "silu"
-    if is_call(n, _ACTS["gelu_tanh"][0], _ACTS["gelu_tanh"][1]):
-        if n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none") == "tanh":
-            return "gelu_tanh"
+def _act_of(n) -> Optional[tuple[str, fx.Node, list]]:
+    """(act name, its input, the nodes computing it) when n is silu(g) (also written
+    `g * sigmoid(g)`) or tanh-approximated gelu(g); else None."""
+    if is_call(n, _SILU, ("silu",)):
+        return "silu", n.args[0], [n]
+    if is_call(n, _GELU, ("gelu",)):
+        approximate = n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none")
+        return ("gelu_tanh", n.args[0], [n]) if approximate == "tanh" else None
+    if is_call(n, MUL_TARGETS, MUL_METHODS) and len(n.args) == 2:
+        for g, sig in (n.args, tuple(reversed(n.args))):
+            if is_call(sig, _SIGMOID, ("sigmoid",)) and sig.args[0] is g and len(sig.users) == 1:
+                return "silu", g, [n, sig]
     return None
 
 
 class SwiGLUPass(FusionPass):
-    """`act(x W1) * (x W3)` -> planlang::swiglu_linear(x, [W1; W3], act)."""
+    """`act(x W1) * (x W3)` -> planlang::swiglu_linear(x, [W1; W3], act).
+
+    How a site is recognised: a product (either order) of an activation of one linear and
+    a second linear on the same input x; the activation is silu (`F.silu`, or written
+    `g * sigmoid(g)`) or tanh-approximated gelu (Gemma's GeGLU); both linears have no bias,
+    weights of one shape and dtype, and no other reader (the fused op replaces them).
+    The site's place is the module holding the gate linear (`layers.0.mlp`).
+    """
 
     kind = "swiglu"
 
     def find(self, view: GraphView) -> list[Site]:
         sites = []
         for n in view.graph.nodes:
-            if not is_call(n, MUL_TARGETS, {"mul", "__mul__"}) or len(n.args) != 2:
+            if not is_call(n, MUL_TARGETS, MUL_METHODS) or len(n.args) != 2 or n.kwargs:
                 continue
-            a, b = n.args
-            for act_node, up in ((a, b), (b, a)):
-                act = _act_of(act_node)
-                if act is None or not is_call(up, LINEAR_TARGETS):
-                    continue
-                gate = act_node.args[0]
-                if not is_call(gate, LINEAR_TARGETS) or gate.args[0] is not up.args[0]:
-                    continue
-                wg, wu = view.linear_weight(gate), view.linear_weight(up)
-                if wg is None or wu is None or wg[2] is not None or wu[2] is not None:
-                    continue
-                if wg[1].shape != wu[1].shape or len(act_node.users) != 1 or len(gate.users) != 1 or len(up.users) != 1:
-                    continue
-                path = _parent(wg[0])
-                sites.append(Site(self.kind, path, (wg[0], wu[0]),
-                                  {"x": gate.args[0], "gate": gate, "up": up, "act": act_node, "mul": n},
-                                  {"act": act, "ffn": wg[1].shape[0], "dim": wg[1].shape[1]}))
-                break
+            site = None
+            for act_node, up in (n.args, tuple(reversed(n.args))):
+                site = site or self._site(view, n, act_node, up)
+            if site is not None:
+                sites.append(site)
         return sites
+
+    def _site(self, view: GraphView, mul: fx.Node, act_node: Any, up: Any) -> Optional[Site]:
+        found = _act_of(act_node)
+        if found is None or not is_call(up, LINEAR_TARGETS):
+            return None
+        act, gate, act_nodes = found
+        if not is_call(gate, LINEAR_TARGETS) or gate.args[0] is not up.args[0]:
+            return None
+        wg, wu = view.linear_weight(gate), view.linear_weight(up)
+        if wg is None or wu is None or wg[2] is not None or wu[2] is not None:
+            return None
+        if wg[1].shape != wu[1].shape or wg[1].dtype != wu[1].dtype:
+            return None
+        gate_readers = set(gate.users) - set(act_nodes)
+        if len(act_node.users) != 1 or gate_readers or len(up.users) != 1:
+            return None
+        return Site(self.kind, _parent(wg[0]), (wg[0], wu[0]),
+                    {"x": gate.args[0], "gate": gate, "up": up, "act": act_nodes, "mul": mul},
+                    {"act": act, "ffn": wg[1].shape[0], "dim": wg[1].shape[1]})
 
     def rewrite(self, view: GraphView, site: Site, weights: FusedWeights) -> str:
         g = view.graph
@@ -236,15 +337,21 @@ class SwiGLUPass(FusionPass):
         w_node = _get_attr(view, site.key, w13, site.nodes["mul"])
         with g.inserting_before(site.nodes["mul"]):
             out = g.call_function(torch.ops.planlang.swiglu_linear.default, (site.nodes["x"], w_node, site.info["act"]))
-        out.meta["nn_module_stack"] = site.nodes["mul"].meta.get("nn_module_stack")
+        adopt(out, site.nodes["mul"])
         site.nodes["mul"].replace_all_uses_with(out)
-        erase_unused(g, [site.nodes["mul"], site.nodes["act"], gate, up])
+        erase_unused(g, [site.nodes["mul"], *site.nodes["act"], gate, up])
         return "swiglu_linear"
 
 
 class QKVPass(FusionPass):
     """Three linears of one input in one module -> one GEMM on the concatenated weight,
-    then split (views)."""
+    then split (views).
+
+    How a site is recognised: exactly three linear calls on parameters, each of a
+    different module, read the same input node, and their modules share one parent (the
+    attention block, whose path is the site's place); the weights agree on the input size
+    and dtype, and either all three have a bias (Qwen2) or none has.
+    """
 
     kind = "qkv"
 
@@ -259,6 +366,8 @@ class QKVPass(FusionPass):
                 continue
             ws = [view.linear_weight(n) for n in nodes]
             if len({w[1].shape[1] for w in ws}) != 1 or len({w[1].dtype for w in ws}) != 1:
+                continue
+            if len({w[0] for w in ws}) != 3:  # one module called thrice is no q/k/v triple
                 continue
             if any((w[2] is None) != (ws[0][2] is None) for w in ws):
                 continue
@@ -282,8 +391,10 @@ class QKVPass(FusionPass):
             y = g.call_function(torch.ops.planlang.qkv_linear.default, (site.nodes["x"], w_node, b_node))
             parts = g.call_function(torch.split, (y, site.info["sizes"]), {"dim": -1})
             outs = [g.call_function(operator.getitem, (parts, i)) for i in range(len(nodes))]
-        for n in (y, parts, *outs):
-            n.meta["nn_module_stack"] = first.meta.get("nn_module_stack")
+        for n in (y, parts):
+            adopt(n, first, value=False)
+        for n, o in zip(nodes, outs):
+            adopt(o, n)
         for n, o in zip(nodes, outs):
             n.replace_all_uses_with(o)
         erase_unused(g, nodes)

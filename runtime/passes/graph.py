@@ -42,7 +42,55 @@ def node_module(node: fx.Node) -> Optional[str]:
 
 LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear}
 ADD_TARGETS = {operator.add, operator.iadd, torch.add}
+ADD_METHODS = ("add", "__add__", "__radd__", "add_", "__iadd__")
 MUL_TARGETS = {operator.mul, operator.imul, torch.mul}
+MUL_METHODS = ("mul", "__mul__", "__rmul__")
+
+
+def example(node: Any) -> Any:
+    """The value Dynamo recorded for a node (a fake tensor with shape and dtype), or None."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def shape_dtype(node: Any) -> Optional[tuple[tuple, torch.dtype]]:
+    """(shape, dtype) of a tensor-valued node, from Dynamo's recorded example value."""
+    ev = example(node)
+    if isinstance(ev, torch.Tensor):
+        return tuple(ev.shape), ev.dtype
+    return None
+
+
+def is_add(node: Any) -> bool:
+    """`a + b` in any of its spellings (operator, torch.add without alpha, methods, in place)."""
+    if not is_call(node, ADD_TARGETS, ADD_METHODS):
+        return False
+    return node.kwargs.get("alpha", 1) == 1 and len(node.args) == 2
+
+
+def is_inplace(node: fx.Node) -> bool:
+    """Whether the node writes its first argument (`h += x`, `h.add_(x)`)."""
+    if node.op == "call_function":
+        return node.target in (operator.iadd, operator.imul)
+    name = str(node.target)
+    return node.op == "call_method" and (name in ("__iadd__", "__imul__")
+                                         or (name.endswith("_") and not name.startswith("__")))
+
+
+def evaluate(nodes: Iterable[fx.Node], env: dict) -> dict:
+    """Run `nodes` (in graph order, all call_function/call_method) on the values in `env`
+    (node -> tensor) and return env extended with every node's value. Used to check a
+    candidate site numerically against the fused kernel's definition."""
+    env = dict(env)
+    for n in nodes:
+        args = fx.node.map_arg(n.args, lambda a: env[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+        if n.op == "call_function":
+            env[n] = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        else:
+            raise ValueError(f"cannot evaluate {n.op} node {n.name}")
+    return env
 
 
 def is_call(node: Any, targets: Iterable, methods: Iterable[str] = ()) -> bool:
@@ -61,6 +109,7 @@ class GraphView:
     example_inputs: list
     model: torch.nn.Module
     param_of: dict = field(default_factory=dict)      # placeholder node -> (module path, name, tensor)
+    input_of: dict = field(default_factory=dict)      # placeholder node -> the value it was bound to
 
     def __post_init__(self) -> None:
         by_id = {}
@@ -70,6 +119,7 @@ class GraphView:
                     by_id.setdefault(id(p), (mod_name, pname, p))
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         for node, value in zip(placeholders, self.example_inputs):
+            self.input_of[node] = value
             hit = by_id.get(id(value))
             if hit is None and isinstance(value, torch.Tensor):
                 # Dynamo may hand a detached alias of the parameter: match on storage and view.
@@ -86,7 +136,18 @@ class GraphView:
         return self.gm.graph
 
     def param(self, node: Any) -> Optional[tuple[str, str, torch.Tensor]]:
+        """(module path, name, tensor) when `node` is a placeholder bound to a parameter or
+        buffer of the model, else None."""
         return self.param_of.get(node) if isinstance(node, fx.Node) else None
+
+    def input_tensor(self, node: Any) -> Optional[torch.Tensor]:
+        """The real tensor a placeholder was bound to when the graph was captured: a
+        parameter, a buffer, or a tensor the caller passed (a token batch, a cache that
+        lives outside the model such as Hugging Face's StaticCache). None otherwise."""
+        if not (isinstance(node, fx.Node) and node.op == "placeholder"):
+            return None
+        value = self.input_of.get(node)
+        return value if isinstance(value, torch.Tensor) else None
 
     def linear_weight(self, node: fx.Node):
         """(module path, weight tensor, bias tensor or None) of a linear node on parameters."""
@@ -108,6 +169,16 @@ class GraphView:
                 if path is not None:
                     out.setdefault(path, []).append(n)
         return out
+
+
+def adopt(new: fx.Node, old: fx.Node, value: bool = True) -> None:
+    """Give a node a rewrite inserted the module path of the node it stands for (so later
+    passes and selectors place it) and, when `value`, its recorded example value (so later
+    passes read its shape and dtype)."""
+    if "nn_module_stack" in old.meta:
+        new.meta["nn_module_stack"] = old.meta["nn_module_stack"]
+    if value and example(old) is not None:
+        new.meta["example_value"] = example(old)
 
 
 def erase_unused(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
