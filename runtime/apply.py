@@ -203,6 +203,7 @@ def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kern
                             skipped.setdefault(i, {})[site.path] = done
                         else:
                             kernels.setdefault(i, set()).add(done)
+        remove_dead_code(gm.graph)
         gm.graph.lint()
         gm.recompile()
         if compile_mode == "none":
@@ -211,6 +212,24 @@ def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kern
         from torch._inductor.compile_fx import compile_fx
         return compile_fx(gm, example_inputs, config_patches=list_mode_options(compile_mode))
     return backend
+
+
+def remove_dead_code(graph) -> int:
+    """Drop computations nothing uses any more (masks and tables the fused kernels made
+    redundant). In-place ops (names ending in `_`), mutating custom ops and outputs stay."""
+    removed = 0
+    for node in reversed(list(graph.nodes)):
+        if node.users or node.op not in ("call_function", "call_method"):
+            continue
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+            continue
+        graph.erase_node(node)
+        removed += 1
+    return removed
 
 
 def effective_compile_mode(plan: Plan) -> str:
