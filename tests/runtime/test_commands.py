@@ -1,0 +1,112 @@
+"""`planlang apply`, `export` and `bench` from the command line, on the CPU."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from planlang.cli import main
+
+QUICK = "plans/quickstart.yaml"
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch):
+    """The commands are tested on the PyTorch reference path: the kernels themselves are
+    tested under the interpreter in their own files, and interpreting a whole model is slow."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    return code, out.out, out.err
+
+
+def test_apply_quickstart_reports_every_fusion_and_matches_the_unplanned_model(capsys):
+    # --max-error 0 cannot hold (the kernels round differently), so the same run also shows
+    # the bound failing the command while the report is still complete.
+    code, out, err = run_cli(["apply", QUICK, "builtin:llama-tiny", "--context", "8", "--json", "--max-error", "0"],
+                             capsys)
+    assert code == 1
+    assert "exceeds --max-error" in err
+    r = json.loads(out)
+    assert r["ok"] is False and r["failures"]
+    kinds = {rule["what"]: rule for rule in r["report"]["rules"]}
+    assert set(kinds) == {"rmsnorm_residual", "qkv", "swiglu", "rope_kvcache", "attention"}
+    assert kinds["qkv"]["places"] == ["layers.0.attn", "layers.1.attn"]
+    assert all(rule["places"] for rule in kinds.values())
+    assert r["numerics"]["rel_error"] < 1e-4
+    assert r["numerics"]["top1_agreement"] == 1.0
+    assert r["time_ms"]["planned"] > 0 and r["time_ms"]["unplanned"] > 0
+
+
+def test_apply_refuses_a_rule_that_finds_no_site_before_changing_the_model(tmp_path, capsys):
+    plan = tmp_path / "bad.yaml"
+    plan.write_text("planlang: 1\nfusions:\n  - {kind: qkv, at: \"layers.*.mlp\"}\n")
+    code, out, err = run_cli(["apply", str(plan), "builtin:llama-tiny", "--context", "8"], capsys)
+    assert code == 1
+    assert "PL309" in err and "bad.yaml:3" in err
+
+
+def test_apply_refuses_fp8_on_this_cpu_at_apply_time(tmp_path, capsys):
+    plan = tmp_path / "fp8.yaml"
+    plan.write_text("planlang: 1\ntarget: auto\nprecision: {rules: [{at: \"**:linear\", dtype: fp8_e4m3}]}\n")
+    code, out, err = run_cli(["apply", str(plan), "builtin:llama-tiny", "--device", "cpu"], capsys)
+    assert code == 1
+    assert "PL201" in err and "cannot run on this device" in err
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"", "empty"),
+    (b"this is not a checkpoint", "fp8"),
+    (b"PK\x03\x04truncated", "zip"),
+])
+def test_a_broken_model_file_is_a_clear_error_naming_it(tmp_path, capsys, content, fragment):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(content)
+    code, out, err = run_cli(["apply", QUICK, str(bad)], capsys)
+    assert code == 2
+    assert "model.pt" in err
+
+
+def test_unknown_builtin_suggests_the_close_name(capsys):
+    code, out, err = run_cli(["apply", QUICK, "builtin:llama-tiy"], capsys)
+    assert code == 2
+    assert "llama-tiny" in err
+
+
+def test_export_writes_a_checkpoint_that_apply_loads(tmp_path, capsys):
+    out_pt = tmp_path / "tiny.pt"
+    code, out, err = run_cli(["export", "builtin:llama-tiny", str(out_pt)], capsys)
+    assert code == 0 and out_pt.exists()
+    code, out, err = run_cli(["apply", QUICK, str(out_pt), "--context", "8", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["numerics"]["rel_error"] < 1e-4
+
+
+def test_bench_on_cpu_runs_and_says_graphs_are_skipped(capsys, tmp_path):
+    plan = tmp_path / "g.yaml"
+    plan.write_text("planlang: 1\nfusions: [rmsnorm_residual, qkv]\ngraphs: {capture: cuda_graph, buckets: [1, 2]}\n")
+    code, out, err = run_cli(["bench", str(plan), "builtin:llama-tiny", "--context", "8", "--prefill", "16",
+                              "--against", "eager", "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    contenders = {row["contender"] for row in r["rows"]}
+    assert "eager" in contenders and "plan g" in contenders
+    assert {row["batch"] for row in r["rows"] if row["contender"] == "plan g"} == {1, 2}
+    assert any("CUDA graphs skipped" in n or "capture skipped" in n for n in r["notes"])
+    assert all(row["ms"] > 0 for row in r["rows"])
+
+
+def test_bench_rejects_an_unknown_baseline(capsys):
+    code, out, err = run_cli(["bench", QUICK, "builtin:llama-tiny", "--against", "vllm"], capsys)
+    assert code == 2 and "--against" in err
+
+
+def test_planlang_lint_never_imports_torch():
+    code = ("import sys, planlang.cli; planlang.cli.main(['lint', 'plans/h100_decode.yaml']); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
