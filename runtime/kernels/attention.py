@@ -6,7 +6,8 @@ over the keys already written in the cache:
 
 - key position j is visible to a query at position p when j <= input_pos[-1] (the filled
   part of the cache), and j <= p if `causal`, and p - j < window if `window` is given
-  (the last `window` positions, the query's own included, as Gemma-2 and Mistral do);
+  (the last `window` positions, the query's own included, as Gemma-2 and Mistral do;
+  with causal=False the window still bounds how far back a query looks);
 - scores are `scale * q.k`, soft-capped as `softcap * tanh(score / softcap)` before masking;
 - `sinks[h]` (gpt-oss) is one extra logit per query head that joins the softmax
   denominator and carries no value;
@@ -102,15 +103,23 @@ def attention_reference(
 if _HAVE_TRITON:
 
     @triton.jit
-    def _scores_base2(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
-        """Raw q.k products -> scaled (and soft-capped) logits, in base-2 units for exp2."""
-        s = qk * scale
+    def _tanh(y, FAST_TANH: tl.constexpr):
+        if FAST_TANH:
+            # The GPU's tanh instruction (one MUFU op, relative error ~2^-11), as
+            # FlashAttention's soft-cap does; for 16-bit inputs only.
+            return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [y],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        # tanh(y) = 1 - 2 / (exp(2y) + 1): exact at both ends (exp -> inf gives 1, -> 0
+        # gives -1) and needs no libdevice, so it also runs under the interpreter.
+        return 1.0 - 2.0 / (tl.exp2(y * 2.8853900817779268) + 1.0)
+
+    @triton.jit
+    def _scores_base2(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr):
+        """Raw q.k products -> scaled (and soft-capped) logits, in base-2 units for exp2.
+        The scalar factors are folded so that each score costs one multiply (plus tanh)."""
         if HAS_SOFTCAP:
-            # tanh(y) = 1 - 2 / (exp(2y) + 1): exact at both ends (exp -> inf gives 1, -> 0 gives -1),
-            # and needs no libdevice, so it also runs under the interpreter.
-            y = s / softcap
-            s = softcap * (1.0 - 2.0 / (tl.exp2(y * (2.0 * 1.4426950408889634)) + 1.0))
-        return s * 1.4426950408889634
+            return _tanh(qk * (scale / softcap), FAST_TANH) * (softcap * 1.4426950408889634)
+        return qk * (scale * 1.4426950408889634)
 
     @triton.jit
     def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -127,11 +136,11 @@ if _HAVE_TRITON:
         stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd,
         stride_ob, stride_oh, stride_od,
-        scale, softcap, window, S, D, Hq,
-        GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        scale, softcap, window, S, Hq,
+        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, FAST_TANH: tl.constexpr,
     ):
         """One (batch row, KV head, split): all GROUP query heads over one slice of the context.
 
@@ -156,7 +165,7 @@ if _HAVE_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         heads = kv_head * GROUP + offs_g
         g_ok = offs_g < GROUP
-        d_ok = offs_d < D
+        d_ok = offs_d < HEAD_DIM  # a constexpr bound: the K/V loads stay vectorized and pipelined
 
         q = tl.load(
             q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
@@ -175,7 +184,7 @@ if _HAVE_TRITON:
                 k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                 mask=n_ok[None, :] & d_ok[:, None], other=0.0,
             )
-            s = _scores_base2(_mma(q, k_t, DOT_PRECISION, DOT_UPCAST), scale, softcap, HAS_SOFTCAP)
+            s = _scores_base2(_mma(q, k_t, DOT_PRECISION, DOT_UPCAST), scale, softcap, HAS_SOFTCAP, FAST_TANH)
             s = tl.where(n_ok[None, :], s, float("-inf"))
             # Every block holds at least one visible key (n0 < stop), so m_new is finite.
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -208,13 +217,13 @@ if _HAVE_TRITON:
             lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
             row = (b * Hq + heads) * NUM_SPLITS + split  # partials are [B, Hq, NUM_SPLITS, (D)]
             tl.store(part_lse_ptr + row, lse, mask=g_ok)
-            tl.store(part_out_ptr + row[:, None] * D + offs_d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
+            tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _decode_reduce_kernel(
         part_out_ptr, part_lse_ptr, sinks_ptr, out_ptr,
-        stride_ob, stride_oh, stride_od, D, Hq,
-        NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+        stride_ob, stride_oh, stride_od, Hq,
+        HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_SINKS: tl.constexpr,
     ):
         """One (batch row, query head): merge the splits' partial outputs by log-sum-exp."""
@@ -224,7 +233,7 @@ if _HAVE_TRITON:
         offs_s = tl.arange(0, BLOCK_SPLITS)
         offs_d = tl.arange(0, BLOCK_D)
         s_ok = offs_s < NUM_SPLITS
-        d_ok = offs_d < D
+        d_ok = offs_d < HEAD_DIM
 
         lse = tl.load(part_lse_ptr + bh * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
         m_all = tl.max(lse, axis=0)  # finite: the split holding the query's own key is never empty
@@ -236,7 +245,7 @@ if _HAVE_TRITON:
         if HAS_SINKS:
             denom += tl.exp2(sink - m_all)
         parts = tl.load(
-            part_out_ptr + (bh * NUM_SPLITS + offs_s)[:, None] * D + offs_d[None, :],
+            part_out_ptr + (bh * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
             mask=s_ok[:, None] & d_ok[None, :], other=0.0,
         )
         out = tl.sum(parts * w[:, None], axis=0) / denom
@@ -250,11 +259,11 @@ if _HAVE_TRITON:
         stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd,
         stride_ob, stride_ot, stride_oh, stride_od,
-        scale, softcap, window, S, T, D, Hq,
-        GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+        scale, softcap, window, S, T, Hq,
+        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, FAST_TANH: tl.constexpr,
     ):
         """One (block of BLOCK_M queries, batch row x query head): flash attention over the cache."""
         pid_m = tl.program_id(0)
@@ -266,7 +275,7 @@ if _HAVE_TRITON:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < T
-        d_ok = offs_d < D
+        d_ok = offs_d < HEAD_DIM  # a constexpr bound: the K/V loads stay vectorized and pipelined
         q_pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int32)
         filled = tl.load(pos_ptr + T - 1).to(tl.int32) + 1  # keys 0..input_pos[-1] are in the cache
 
@@ -296,7 +305,7 @@ if _HAVE_TRITON:
                 k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                 mask=n_ok[None, :] & d_ok[:, None], other=0.0,
             )
-            s = _scores_base2(_mma(q, k_t, DOT_PRECISION, DOT_UPCAST), scale, softcap, HAS_SOFTCAP)
+            s = _scores_base2(_mma(q, k_t, DOT_PRECISION, DOT_UPCAST), scale, softcap, HAS_SOFTCAP, FAST_TANH)
             visible = n_ok[None, :] & m_ok[:, None]
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= q_pos[:, None])
@@ -386,7 +395,7 @@ def attention_triton(
         scale=float(scale),
         softcap=float(softcap) if softcap is not None else 1.0,
         window=int(window) if window is not None else 0,
-        S=S, D=D, Hq=Hq, GROUP=Hq // Hkv, BLOCK_D=block_d,
+        S=S, Hq=Hq, HEAD_DIM=D, GROUP=Hq // Hkv, BLOCK_D=block_d,
         HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
     )
     sinks_arg = sinks if sinks is not None else q  # never read when HAS_SINKS is False
@@ -415,30 +424,44 @@ def _launch_decode(q, k_cache, v_cache, input_pos, sinks, out, common, block_n, 
         out.stride(0), out.stride(2), out.stride(3),
         NUM_SPLITS=splits, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=q.device.type != "cuda",
+        FAST_TANH=q.device.type == "cuda" and q.dtype != torch.float32,
         num_warps=num_warps or 4, num_stages=num_stages or 2,
         **common,
     )
     if splits > 1:
         _decode_reduce_kernel[(B * Hq,)](
             part_out, part_lse, sinks, out,
-            out.stride(0), out.stride(2), out.stride(3), D, Hq,
-            NUM_SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits),
+            out.stride(0), out.stride(2), out.stride(3), Hq,
+            HEAD_DIM=D, NUM_SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits),
             BLOCK_D=common["BLOCK_D"], HAS_SINKS=common["HAS_SINKS"],
             num_warps=1 if D <= 64 else 2,
         )
 
 
+def prefill_config(T: int, D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages) for a prefill launch. Register and shared
+    memory use checked offline for sm_90 (no spills); speed to be confirmed by
+    benchmarks/bench_kernels_b.py --sweep."""
+    if dtype == torch.float32:
+        return 32, 32, 4, 2  # float32 tiles are twice the bytes: larger ones spill
+    if T < 128:
+        return (16 if T <= 16 else 64), 64, 4, 2
+    return 128, 64, 8, (3 if D <= 64 else 2)
+
+
 def _launch_prefill(q, k_cache, v_cache, input_pos, sinks, out, common, causal, block_m, block_n, num_warps, num_stages):
     B, T, Hq, D = q.shape
-    block_m = block_m or (64 if T >= 64 else 16)
-    block_n = block_n or 64
+    default_m, default_n, default_warps, default_stages = prefill_config(T, D, q.dtype)
+    block_m, block_n = block_m or default_m, block_n or default_n
+    num_warps, num_stages = num_warps or default_warps, num_stages or default_stages
     grid = (triton.cdiv(T, block_m), B * Hq)
     _prefill_kernel[grid](
         q, k_cache, v_cache, input_pos, sinks, out,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         T=T, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=q.device.type != "cuda",
-        num_warps=num_warps or 4, num_stages=num_stages or 2,
+        FAST_TANH=q.device.type == "cuda" and q.dtype != torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
         **common,
     )
 

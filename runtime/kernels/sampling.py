@@ -30,6 +30,9 @@ Both may be Python ints (baked into a captured CUDA graph) or int64 tensors of o
 on the logits' device, read by the kernel at run time: a captured graph then advances
 them with an in-place `offset += 1` captured alongside, and no host sync happens anywhere.
 
+Memory: with top-k or top-p the launcher allocates the scratch rows, B x V x 8 bytes
+(float32 values + int32 indices), so that the whole-row fallback always fits.
+
 `sample_reference` is the textbook torch version (softmax, topk, sort + cumsum for top-p,
 torch.multinomial with a generator seeded from seed and offset). The two draw from the
 same distribution, not the same tokens.
@@ -224,7 +227,9 @@ if _HAVE_TRITON:
             else:
                 key = counts.to(tl.float32)
             # key falls with the pivot: the last pivot still meeting the goal is the new lo.
-            j = tl.maximum(tl.sum((key >= goal[:, None]).to(tl.int32), axis=1) - 1, 0)
+            # None meeting it (fewer than k finite logits, or a mass rounding miss): lo stays.
+            j_met = tl.sum((key >= goal[:, None]).to(tl.int32), axis=1) - 1
+            j = tl.maximum(j_met, 0)
             at_lo = col == j[:, None]
             at_hi = col == j[:, None] + 1  # no column when j is the last pivot: hi stays
             has_next = j + 1 < PIVOTS
@@ -239,7 +244,7 @@ if _HAVE_TRITON:
             c_lo = tl.where(active, new_c_lo, c_lo)
             c_hi = tl.where(active, new_c_hi, c_hi)
             s_lo = tl.where(active, new_s_lo, s_lo)
-            active = active & moved & (c_lo - c_hi > 1)
+            active = active & moved & (j_met >= 0) & (c_lo - c_hi > 1)
             if not BY_MASS:
                 active = active & (c_lo.to(tl.float32) != goal)
             rounds += 1
@@ -313,7 +318,8 @@ if _HAVE_TRITON:
             if OFFSET_IN_TENSOR:
                 counter += tl.load(offset_ptr).to(tl.int64) * 1048576  # 1048576 = 2**_ROW_BITS
             else:
-                counter += offset_value * 1048576  # (an int arg equal to 1 arrives as a constexpr)
+                # In int64 before the multiply; (an int arg equal to 1 arrives as a constexpr).
+                counter += (tl.zeros([ROWS], tl.int64) + offset_value) * 1048576
             bits = tl.randint(seed, counter)
             u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # 24 bits, strictly inside (0, 1)
 
