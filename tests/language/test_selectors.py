@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import pickle
 import re
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from planlang.names import OP_KINDS
@@ -375,6 +376,11 @@ def test_parse_is_cached_and_selectors_compare_by_text():
     ("layers.*.attn", "layers.*.attn.w*", True),
     ("layers.*.attn.w*", "layers.*.attn.wq", None),
     ("**:linear", "re:x", False),
+    # the uncovered place may lie deeper than either selector is long
+    ("*.a", "**.a.a[0:2]", False),  # c.c.a.a.0
+    ("*.a", "**.*.a.a[0:2]", False),  # c.c.a.a.0 again
+    ("*.a", "a.**.a.a[0:2]", False),  # a.c.a.a.0
+    ("*.a", "{a,b}.a.**.a[0:2]", True),
 ])
 def test_covers_truth_table(later, earlier, expected):
     assert covers(later, earlier) is expected
@@ -404,10 +410,24 @@ def test_covers_truth_table(later, earlier, expected):
     ("layers.*.attn.w*", "layers.*", True),
     ("layers.*.attn.w*", "layers.*.mlp", False),
     ("layers.*.attn.w*", "layers.*.attn.wq", None),
+    # a common place may lie below where both selectors end
+    ("a.a[0:2]", "**.b[1,3]", True),  # a.a.0.b.1
+    ("a.b.c.d", "**.w.x.y.z", True),  # a.b.c.d.w.x.y.z
+    ("a.b.c.d", "b.**.z", False),
 ])
 def test_overlaps_truth_table(a, b, expected):
     assert overlaps(a, b) is expected
     assert overlaps(b, a) is expected
+
+
+def test_overlaps_finds_a_common_place_deeper_than_either_selector():
+    # `a.a[0:2]` takes a.a.0 and all below it; `**.b[1,3]` takes a.a.0.b.1 itself.
+    a, b = Selector.parse("a.a[0:2]"), Selector.parse("**.b[1,3]")
+    assert a.selects("a.a.0.b.1") and b.selects("a.a.0.b.1")
+    assert not any(a.selects(p) and b.selects(p)
+                   for p in ("a.a.0", "a.a.0.b", "a.a.1.b", "b.1", "a.b.1", "a.a.b.1"))
+    assert overlaps(a, b) is True and overlaps(b, a) is True
+    assert covers(a, b) is False and covers(b, a) is False
 
 
 def test_covers_and_overlaps_accept_parsed_selectors():
@@ -471,15 +491,22 @@ def _drop_parse_cache():
 
 
 # ------------------------------------------------------------------------------------
-# Properties over random glob selectors and a finite universe of paths
+# Properties over random glob selectors, checked against references
 #
 # Each random segment comes with a reference predicate, so matching is checked against an
-# independent, obviously correct matcher, and covers/overlaps against brute force.
+# independent, obviously correct matcher, and covers/overlaps against an exhaustive search
+# over paths (at any depth: a common or uncovered place may lie deeper than either
+# selector is long, as `a.a[0:2]` and `**.b[1,3]` share only `a.a.0.b.1` and below).
 
 NAMES = ("a", "b", "c")
-INDICES = ("0", "1", "2", "3")
+INDICES = ("0", "1", "2", "3", "5")
 UNIVERSE = [".".join(p) for n in range(5) for p in itertools.product(NAMES + INDICES, repeat=n)]
+# One segment per class that the predicates of SEGMENTS tell apart: any other name acts
+# as "c", and any index from 8 up as "8" or "9" (by parity).
+CLASSES = NAMES + tuple(str(k) for k in range(10))
 OPS = ("linear", "norm", "qk")  # stand-ins: a rule without an op takes all of them
+# PLANLANG_SELECTOR_EXAMPLES=3000 searches harder (minutes); the default keeps the file fast.
+PROPERTY_EXAMPLES = int(os.environ.get("PLANLANG_SELECTOR_EXAMPLES", "120"))
 
 
 def _is_index(seg: str) -> bool:
@@ -506,12 +533,22 @@ SEGMENTS = [  # (text, [reference predicate per segment, or "**"])
     ("a[::2]", [lambda s: s == "a", lambda s: _in_slice(s, 0, None, 2)]),
     ("*[1::2]", [lambda s: True, lambda s: _in_slice(s, 1, None, 2)]),
     ("b[1,3]", [lambda s: s == "b", lambda s: s in ("1", "3")]),
+    ("b[4:]", [lambda s: s == "b", lambda s: _in_slice(s, 4, None, 1)]),
+    ("a[3:8:2]", [lambda s: s == "a", lambda s: _in_slice(s, 3, 8, 2)]),
 ]
+
+
+def _glob(text: str) -> tuple[str, tuple, str | None]:
+    """The strategy's value for a selector written with SEGMENTS, for explicit examples."""
+    path, _, op = text.rpartition(":")
+    if op not in OPS:  # the colon of a slice
+        path, op = text, None
+    table = dict(SEGMENTS)
+    return text, tuple(p for seg in path.split(".") for p in table[seg]), op
 
 
 @st.composite
 def glob_selectors(draw):
-    # At most four segments, so that the depth-4 universe holds a witness for every answer.
     parts = draw(st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=3)
                  .filter(lambda ps: sum(len(p) for _, p in ps) <= 4))
     op = draw(st.sampled_from((None,) + OPS))
@@ -521,7 +558,7 @@ def glob_selectors(draw):
 
 
 def _reference_matches(preds, segs, i: int = 0, k: int = 0) -> bool:
-    """Plain backtracking: does preds[i:] match segs[k:]? (Both are at most 4 long.)"""
+    """Plain backtracking: does preds[i:] match segs[k:]?"""
     if i == len(preds):
         return k == len(segs)
     if preds[i] == "**":
@@ -530,13 +567,57 @@ def _reference_matches(preds, segs, i: int = 0, k: int = 0) -> bool:
     return k < len(segs) and preds[i](segs[k]) and _reference_matches(preds, segs, i + 1, k + 1)
 
 
-def _places(sel: Selector) -> set[tuple[str, str]]:
-    """Every (path, op) of the universe that a rule with this selector takes."""
-    ops = OPS if sel.op is None else (sel.op,)
-    return {(p, op) for p in UNIVERSE if sel.selects(p) for op in ops}
+def _reference_selects(preds, segs) -> bool:
+    """A rule takes a path when it matches the path or one of its ancestors."""
+    return any(_reference_matches(preds, segs[:k]) for k in range(len(segs) + 1))
 
 
-PROPERTY_SETTINGS = settings(max_examples=120, deadline=None,
+def _state(preds, segs) -> tuple[frozenset[int], bool]:
+    """All that decides, for every extension of the path, whether the rule takes it: which
+    prefixes of `preds` match the path (each pattern takes whole segments, so `preds`
+    match path + rest iff some prefix matches the path and the remainder the rest), and
+    whether the rule takes the path already."""
+    matched = frozenset(i for i in range(len(preds) + 1) if _reference_matches(preds[:i], segs))
+    return matched, _reference_selects(preds, segs)
+
+
+def _some_path(a_preds, b_preds, goal) -> bool:
+    """Whether some path makes `goal(a takes it, b takes it)` true. Breadth first over
+    paths of CLASSES; a path that leaves both rules in a state an earlier path did has
+    the same answers for all its extensions, so it is dropped, and the search ends."""
+    seen: set = set()
+    frontier: list[list[str]] = [[]]
+    while frontier:
+        grown = []
+        for segs in frontier:
+            key = (_state(a_preds, segs), _state(b_preds, segs))
+            if key in seen:
+                continue
+            seen.add(key)
+            if goal(key[0][1], key[1][1]):
+                return True
+            grown.extend(segs + [c] for c in CLASSES)
+        frontier = grown
+    return False
+
+
+def _ops(op: str | None) -> set[str]:
+    return set(OPS) if op is None else {op}
+
+
+def _reference_covers(later, earlier) -> bool:
+    """Every (path, op) the earlier rule takes, the later one takes too."""
+    return _ops(earlier[2]) <= _ops(later[2]) and not _some_path(
+        earlier[1], later[1], lambda in_earlier, in_later: in_earlier and not in_later)
+
+
+def _reference_overlaps(a, b) -> bool:
+    """Some (path, op) is taken by both rules."""
+    return bool(_ops(a[2]) & _ops(b[2])) and _some_path(
+        a[1], b[1], lambda in_a, in_b: in_a and in_b)
+
+
+PROPERTY_SETTINGS = settings(max_examples=PROPERTY_EXAMPLES, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -556,19 +637,20 @@ def test_matching_agrees_with_a_reference_matcher(selector):
 
 @PROPERTY_SETTINGS
 @given(glob_selectors(), glob_selectors())
-def test_covers_is_exact_on_the_universe(later, earlier):
-    later_sel, earlier_sel = Selector.parse(later[0]), Selector.parse(earlier[0])
-    result = covers(later_sel, earlier_sel)
+@example(later=_glob("*.a"), earlier=_glob("**.a.a[0:2]"))  # uncovered: c.c.a.a.0
+def test_covers_is_exact(later, earlier):
+    result = covers(Selector.parse(later[0]), Selector.parse(earlier[0]))
     assert result is not None
-    # True must be sound; False must have a witness (the universe is deep enough for these).
-    assert result == (_places(earlier_sel) <= _places(later_sel))
+    assert result == _reference_covers(later, earlier)
 
 
 @PROPERTY_SETTINGS
 @given(glob_selectors(), glob_selectors())
-def test_overlaps_is_exact_on_the_universe(a, b):
+@example(a=_glob("a.a[0:2]"), b=_glob("**.b[1,3]"))  # shared from a.a.0.b.1 down
+@example(a=_glob("a.a.b[1,3]"), b=_glob("**.a[0:2].*"))  # shared from a.a.b.1.a.0.c down
+def test_overlaps_is_exact(a, b):
     a_sel, b_sel = Selector.parse(a[0]), Selector.parse(b[0])
     result = overlaps(a_sel, b_sel)
     assert result is not None
-    assert result == bool(_places(a_sel) & _places(b_sel))
+    assert result == _reference_overlaps(a, b)
     assert overlaps(b_sel, a_sel) == result
