@@ -1,12 +1,15 @@
-"""Fused QKV projection, and the skinny-GEMM linear it runs on at decode.
+"""Fused QKV projection, and the decode-time linear it runs on.
 
 `qkv_linear(x, w_qkv, q_size, kv_size, bias)` is one GEMM on the concatenated weight
 `[Wq; Wk; Wv]` (built once by `build_w_qkv`) followed by a split of the last dimension into
-q, k and v: views of the one output, no copies. `linear(x, w, bias)` is that GEMM alone:
-for at most `SKINNY_MAX_M` rows (decode) a Triton skinny GEMM that streams the weight once
-at high bandwidth (output columns split over many programs, a K loop with fp32
-accumulation, split-K when there are too few column blocks to fill the GPU); for more rows
-torch's matmul (cuBLAS), which is already at its best there.
+q, k and v: views of the one output, no copies. `linear(x, w, bias)` is that GEMM alone,
+dispatched by the number of rows (measured on an H100, Llama-1B decode shapes):
+  - 1 row: a Triton GEMV on CUDA cores (`gemv_triton`): many small programs stream the
+    weight once in 16-byte vectors, fp32 accumulation (1.2-1.4x cuBLAS);
+  - 2..16 rows: the Triton skinny GEMM (`linear_triton`, tl.dot on 16-row tiles) where
+    `SKINNY_TUNED` lists the shape, else cuBLAS (it was as fast or faster at every
+    Llama-1B linear shape);
+  - more rows: torch's matmul (cuBLAS), already at its best there.
 
 Custom ops: `planlang::linear(x, w, bias) -> out` and `planlang::qkv_linear(x, w_qkv, bias)
 -> fused out` (a custom op may not return views of one tensor, so the split into q, k, v is
@@ -103,7 +106,8 @@ if triton is not None:
             offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            wt = tl.load(w_cols + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            wt = tl.load(w_cols + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0,
+                         eviction_policy="evict_first")  # read once: keep x and outputs in L2
             if UPCAST:  # see `dot_needs_upcast`
                 xt = xt.to(tl.float32)
                 wt = wt.to(tl.float32)
@@ -120,6 +124,41 @@ if triton is not None:
         else:
             tl.store(out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :],
                      acc, mask=mask)
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, b_ptr, out_ptr,
+        N, K, stride_wn, stride_split, k_per_split,
+        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        STAGES: tl.constexpr,
+    ):
+        """out[n-block] = w[n-block] @ x for ONE row x, on CUDA cores: tl.dot needs 16 rows,
+        which would pad 15 of them and route the weight through shared memory. The weight
+        streams as [BLOCK_N, BLOCK_K] tiles of whole 16-byte vectors along its rows; the fp32
+        partial products stay [BLOCK_N, BLOCK_K] and are reduced over K once, at the end.
+        SPLIT_K > 1: the fp32 partial goes to out[pid_k] (a workspace) for the reduce kernel."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+        k_lo = pid_k * k_per_split
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        # STAGES > 1: the weight tiles of the next iterations stream into shared memory meanwhile.
+        for k0 in tl.range(0, k_per_split, BLOCK_K, num_stages=STAGES):
+            offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            wt = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                         eviction_policy="evict_first")
+            acc += wt.to(tl.float32) * xk[None, :]
+        out = tl.sum(acc, axis=1)
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+        else:
+            tl.store(out_ptr + pid_k * stride_split + offs_n, out, mask=n_mask)
 
     @triton.jit
     def _splitk_reduce_kernel(
@@ -160,22 +199,66 @@ def _sm_count(device: torch.device) -> int:
     return 4  # the interpreter: a small "GPU", so that tiny test shapes exercise split-K
 
 
+@functools.lru_cache(maxsize=256)
 def skinny_config(n_cols: int, k: int, elem_size: int, device: torch.device, tiles: int = 1) -> SkinnyConfig:
     """A heuristic config for a skinny GEMM streaming `tiles` weight blocks of `n_cols`
-    output columns by `k`: about two programs per SM (narrower column blocks first, then
-    split-K with at least two K blocks a split), and as many pipeline stages as fit in
-    `_SMEM_BUDGET`."""
-    target = 2 * _sm_count(device)
-    block_k = max(16, min(256 if elem_size <= 2 else 128, triton.next_power_of_2(k)))
+    output columns by `k`: the whole grid resident at once (a second, partial wave of
+    programs doubles the time of the SMs that run it): at least one program per SM with
+    column blocks of 16 to 64, split-K where there are still too few, K blocks of 128 and
+    up to 3 pipeline stages within `_SMEM_BUDGET`."""
+    sms = _sm_count(device)
+    block_k = max(16, min(128, triton.next_power_of_2(k)))
     block_n = 64 if tiles == 1 else 32
-    while block_n > 16 and triton.cdiv(n_cols, block_n) < target:
+    while block_n > 16 and triton.cdiv(n_cols, block_n) < sms:
         block_n //= 2
     n_blocks = triton.cdiv(n_cols, block_n)
     k_blocks = triton.cdiv(k, block_k)
-    split_k = max(1, min(target // n_blocks, k_blocks // 2, 16))
+    split_k = max(1, min(triton.cdiv(sms, n_blocks), k_blocks // 2, 16))
     stage_bytes = (tiles * block_n + _BLOCK_M) * block_k * elem_size
-    num_stages = max(2, min(4, _SMEM_BUDGET // stage_bytes))
+    num_stages = max(2, min(3, _SMEM_BUDGET // stage_bytes))
     return SkinnyConfig(block_n, block_k, split_k, 4, num_stages)
+
+
+# Which kernel takes 2..16 rows, per weight ("linear", N, K) or fused gate/up ("gate_up", F,
+# K), as measured on an H100 at the decode shapes of Llama-3.2-1B (`--tune` of
+# benchmarks/bench_kernels_a.py writes these values): a SkinnyConfig for the Triton skinny
+# GEMM, or None where cuBLAS was faster (by 6-9% at M = 4 and 16 for these linears).
+# Unlisted linears take cuBLAS; unlisted gate/up take `skinny_config`.
+SKINNY_TUNED: dict = {
+    ("gate_up", 8192, 2048): SkinnyConfig(32, 128, 1, 4, 3),
+    ("linear", 2048, 2048): None,
+    ("linear", 2048, 8192): None,
+    ("linear", 3072, 2048): None,
+}
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of the one-row GEMV: output rows per program, K tile, K splits, warps
+    and software-pipelining stages of the K loop."""
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+@functools.lru_cache(maxsize=256)
+def gemv_config(n_rows: int, k: int, device: torch.device, tiles: int = 1) -> GemvConfig:
+    """A heuristic config for the one-row GEMV over `tiles` weight blocks of `n_rows` rows by
+    `k` (measured best or within 1% of it on an H100 at every Llama-1B decode shape): 4096
+    weight elements an iteration (2 rows of 2048, or one row each of gate and up) over 8
+    warps, two 16-byte loads a thread, so many small programs (8+ per SM) keep HBM busy;
+    fewer rows a program, then split-K, when there would be under 2 programs per SM."""
+    sms = _sm_count(device)
+    block_k = max(16, min(2048, triton.next_power_of_2(k)))
+    block_n = max(1, 4096 // (block_k * tiles))
+    while block_n > 1 and triton.cdiv(n_rows, block_n) < 2 * sms:
+        block_n //= 2
+    n_blocks = triton.cdiv(n_rows, block_n)
+    split_k = 1 if n_blocks >= sms else max(1, min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(k, block_k), 16))
+    num_warps = max(1, min(8, block_n * tiles * block_k // 512))
+    return GemvConfig(block_n, block_k, split_k, num_warps, 1)
 
 
 def k_per_split(k: int, block_k: int, split_k: int) -> int:
@@ -241,12 +324,50 @@ def linear_triton(
     return out.view(*x.shape[:-1], n)
 
 
+def gemv_triton(
+    x: Tensor, w: Tensor, bias: Optional[Tensor] = None, *, config: Optional[GemvConfig] = None
+) -> Tensor:
+    """Triton GEMV `x @ w.T + bias` for ONE row of x (any leading shape of one element; fp32
+    accumulate, output in x's dtype). `config` overrides the heuristic (tests, sweeps)."""
+    k = x.shape[-1]
+    n = w.shape[0]
+    if x.numel() != k:
+        raise ValueError(f"the GEMV takes one row, got x of shape {tuple(x.shape)}")
+    if w.shape[1] != k or w.stride(-1) != 1:
+        raise ValueError(f"weight {tuple(w.shape)} (last stride {w.stride(-1)}) does not fit x [..., {k}]")
+    x1 = x.reshape(k).contiguous()
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out.view(*x.shape[:-1], n)
+    cfg = config or gemv_config(n, k, x.device)
+    kps = k_per_split(k, cfg.block_k, cfg.split_k)
+    b = bias.contiguous() if bias is not None else w  # a dummy pointer when there is no bias
+    grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
+    common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+    if cfg.split_k == 1:
+        _gemv_kernel[grid](x1, w, b, out, n, k, w.stride(0), 0, kps, HAS_BIAS=bias is not None, SPLIT_K=1,
+                           **common)
+    else:
+        ws = torch.empty((cfg.split_k, 1, n), dtype=torch.float32, device=x.device)
+        _gemv_kernel[grid](x1, w, b, ws, n, k, w.stride(0), ws.stride(0), kps, HAS_BIAS=False,
+                           SPLIT_K=cfg.split_k, **common)
+        _splitk_reduce_kernel[(triton.cdiv(n, 128),)](
+            ws, b, out, 1, n, ws.stride(0), ws.stride(1), n,
+            HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_M=1, BLOCK_N=128, num_warps=4)
+    return out.view(*x.shape[:-1], n)
+
+
 # ----------------------------------------------------------------------------- public ops
 def linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """`x @ w.T + bias` (w in nn.Linear layout [N, K]); the Triton skinny GEMM for at most 16
-    rows where Triton runs, torch's matmul otherwise. Returns a fresh tensor."""
+    """`x @ w.T + bias` (w in nn.Linear layout [N, K]). Where Triton runs: one row takes the
+    Triton GEMV; 2..16 rows the Triton skinny GEMM where `SKINNY_TUNED` lists the shape as
+    faster than cuBLAS; the rest torch's matmul (cuBLAS). Returns a fresh tensor."""
     if skinny_gemm_applies(x, w):
-        return linear_triton(x, w, bias)
+        if x.numel() == x.shape[-1]:
+            return gemv_triton(x, w, bias)
+        config = SKINNY_TUNED.get(("linear", w.shape[0], w.shape[1]))
+        if config is not None:
+            return linear_triton(x, w, bias, config=config)
     return linear_reference(x, w, bias)
 
 

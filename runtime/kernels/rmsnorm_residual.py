@@ -17,6 +17,8 @@ Both ops are registered as torch custom ops (`planlang::rmsnorm_residual`,
 torch.compile and CUDA-graph capture. Nothing here synchronizes with the host. Inference
 only: no autograd formula is registered.
 """
+import functools
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -62,7 +64,7 @@ if triton is not None:
         x_ptr, r_ptr, w_ptr, s_ptr, h_ptr,
         n_rows, n_cols, stride_x, stride_r, stride_s, stride_h,
         eps, offset,
-        HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STORE_CACHE: tl.constexpr,
     ):
         """BLOCK_M whole rows per program, each row held in registers: one HBM pass."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -78,7 +80,7 @@ if triton is not None:
                         eviction_policy="evict_first")
             # Round the sum to x's dtype first: the model's `x + r` does, and the norm sees that.
             s = (x.to(tl.float32) + r.to(tl.float32)).to(s_ptr.dtype.element_ty)
-            tl.store(s_ptr + rows[:, None] * stride_s + cols[None, :], s, mask=mask)
+            tl.store(s_ptr + rows[:, None] * stride_s + cols[None, :], s, mask=mask, cache_modifier=STORE_CACHE)
             sf = s.to(tl.float32)
         else:
             sf = x.to(tl.float32)
@@ -86,7 +88,7 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0, eviction_policy="evict_last")
         h = (sf * rstd[:, None]) * (offset + w.to(tl.float32))[None, :]
         tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty),
-                 mask=mask)
+                 mask=mask, cache_modifier=STORE_CACHE)
 
     @triton.jit
     def _rmsnorm_looped_kernel(
@@ -129,7 +131,7 @@ if triton is not None:
 
 
 def row_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    """(rows_per_program, BLOCK_N, num_warps) for the one-pass kernel: about 4K elements
+    """(rows_per_program, BLOCK_N, num_warps) for the one-pass rows kernel: about 4K elements
     per program (small rows share a program), 8 to 16 elements per thread."""
     block_n = triton.next_power_of_2(n_cols)
     rows = max(1, min(16, 4096 // block_n))
@@ -141,6 +143,35 @@ def row_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     return rows, block_n, num_warps
 
 
+@dataclass(frozen=True)
+class NormConfig:
+    """Launch parameters of the one-pass rows kernel: rows per program, warps, and the store
+    cache modifier (".cs", streaming: L2 writes s and h back early and in order instead of
+    holding them dirty; "" the default write-back)."""
+    num_warps: int
+    rows_per_program: int = 1
+    store_cache: str = ""
+
+
+# Rows at least this wide take `TUNED_WIDE` (narrower rows share a program: `row_config`).
+WIDE_MIN_BLOCK = 1024
+# The launch for 4096-wide bf16 rows, as tuned on an H100 (`--tune` of
+# benchmarks/bench_kernels_a.py, 16384 rows: 97-98% of the copy bandwidth, against 96% for
+# 8 warps and plain stores); other widths scale num_warps with the width.
+TUNED_WIDE = NormConfig(16, rows_per_program=1, store_cache=".cs")
+
+
+@functools.lru_cache(maxsize=256)
+def norm_config(n_rows: int, n_cols: int) -> NormConfig:
+    """The heuristic launch: `TUNED_WIDE` (warps scaled to the width, 8 bf16 a thread) for
+    rows of 1K to 8K columns, `row_config` for narrow rows."""
+    block_n = triton.next_power_of_2(n_cols)
+    if block_n < WIDE_MIN_BLOCK:
+        rows, _, warps = row_config(n_rows, n_cols)
+        return NormConfig(warps, rows_per_program=rows)
+    return replace(TUNED_WIDE, num_warps=max(4, min(16, TUNED_WIDE.num_warps * block_n // 4096)))
+
+
 # ----------------------------------------------------------------------------- launcher
 def _as_rows(t: Tensor, n_cols: int) -> Tensor:
     t2 = t.reshape(-1, n_cols)
@@ -149,10 +180,11 @@ def _as_rows(t: Tensor, n_cols: int) -> Tensor:
 
 def rmsnorm_residual_triton(
     x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float, offset: float = 0.0,
-    *, rows_per_program: Optional[int] = None, num_warps: Optional[int] = None,
+    *, config: Optional[NormConfig] = None, out: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton launch of `rmsnorm_residual_reference` (s is x itself when residual is None).
-    `rows_per_program` / `num_warps` override the heuristic (benchmark sweeps only)."""
+    `config` overrides the heuristic `norm_config`; `out` gives contiguous (s, h) to write
+    (benchmarks that compare launches on the same buffers)."""
     n_cols = x.shape[-1]
     if weight.shape != (n_cols,):
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({n_cols},)")
@@ -161,29 +193,29 @@ def rmsnorm_residual_triton(
     x2 = _as_rows(x, n_cols)
     r2 = x2 if residual is None else _as_rows(residual, n_cols)
     w = weight.contiguous()
-    s = x if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out is not None:
+        s, h = (x if residual is None else out[0]), out[1]
+    else:
+        s = x if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_rows = x2.shape[0]
     if n_rows == 0 or n_cols == 0:
         return s, h
     s2 = x2 if residual is None else s.view(-1, n_cols)
     h2 = h.view(-1, n_cols)
+    args = (x2, r2, w, s2, h2)
+    strides = (x2.stride(0), r2.stride(0), s2.stride(0), h2.stride(0), float(eps), float(offset))
     has_res = residual is not None
-    if triton.next_power_of_2(n_cols) > MAX_FUSED_BLOCK:
-        _rmsnorm_looped_kernel[(n_rows,)](
-            x2, r2, w, s2, h2, n_cols, x2.stride(0), r2.stride(0), s2.stride(0), h2.stride(0),
-            float(eps), float(offset), HAS_RESIDUAL=has_res, BLOCK_N=LOOP_BLOCK,
-            num_warps=num_warps or 8,
-        )
+    block_n = triton.next_power_of_2(n_cols)
+    if block_n > MAX_FUSED_BLOCK:
+        _rmsnorm_looped_kernel[(n_rows,)](*args, n_cols, *strides, HAS_RESIDUAL=has_res,
+                                          BLOCK_N=LOOP_BLOCK, num_warps=config.num_warps if config else 8)
         return s, h
-    rows, block_n, warps = row_config(n_rows, n_cols)
-    rows = rows_per_program or rows
+    cfg = config or norm_config(n_rows, n_cols)
+    rows = cfg.rows_per_program
     _rmsnorm_rows_kernel[(triton.cdiv(n_rows, rows),)](
-        x2, r2, w, s2, h2, n_rows, n_cols,
-        x2.stride(0), r2.stride(0), s2.stride(0), h2.stride(0),
-        float(eps), float(offset), HAS_RESIDUAL=has_res, BLOCK_M=rows, BLOCK_N=block_n,
-        num_warps=num_warps or warps,
-    )
+        *args, n_rows, n_cols, *strides, HAS_RESIDUAL=has_res, BLOCK_M=rows, BLOCK_N=block_n,
+        STORE_CACHE=cfg.store_cache, num_warps=cfg.num_warps)
     return s, h
 
 

@@ -20,7 +20,7 @@ from planlang.runtime.kernels import qkv as qkv_mod  # noqa: E402
 from planlang.runtime.kernels import rmsnorm_residual as norm_mod  # noqa: E402
 from planlang.runtime.kernels import swiglu as swiglu_mod  # noqa: E402
 from planlang.runtime.kernels.backend import interpreter_on, triton_available  # noqa: E402
-from planlang.runtime.kernels.qkv import SkinnyConfig  # noqa: E402
+from planlang.runtime.kernels.qkv import GemvConfig, SkinnyConfig  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK, TRITON_WHY = triton_available(DEVICE)
@@ -121,9 +121,28 @@ def test_rmsnorm_alone_normalizes_x(poisoned, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_residual_several_rows_per_program_masks_the_last_block(poisoned, dtype):
     x, r, w = randn(33, 24, dtype=dtype), randn(33, 24, dtype=dtype), randn(24, dtype=dtype)
-    s, h = norm_mod.rmsnorm_residual_triton(x, r, w, 1e-6, rows_per_program=8)
+    cfg = norm_mod.NormConfig(4, rows_per_program=8, store_cache=".cs")
+    s, h = norm_mod.rmsnorm_residual_triton(x, r, w, 1e-6, config=cfg)
     s_ref, h_ref = norm_mod.rmsnorm_residual_reference(x, r, w, 1e-6)
     check(h, h_ref, rmsnorm64(s_ref, w, 1e-6, 0.0), dtype)
+
+
+@needs_triton
+def test_rmsnorm_residual_writes_into_given_buffers(poisoned):
+    x, r, w = randn(6, 40), randn(6, 40), randn(40)
+    s, h = torch.empty(6, 40), torch.empty(6, 40)
+    got = norm_mod.rmsnorm_residual_triton(x, r, w, 1e-6, out=(s, h))
+    assert got[0] is s and got[1] is h
+    s_ref, h_ref = norm_mod.rmsnorm_residual_reference(x, r, w, 1e-6)
+    check(h, h_ref, rmsnorm64(s_ref, w, 1e-6, 0.0), torch.float32)
+
+
+def test_norm_config_takes_the_tuned_launch_for_model_widths_and_scales_its_warps():
+    tuned = norm_mod.TUNED_WIDE
+    assert norm_mod.norm_config(16384, 4096) == tuned
+    assert norm_mod.norm_config(7, 8192).num_warps == min(16, 2 * tuned.num_warps)
+    narrow = norm_mod.norm_config(100_000, 64)
+    assert narrow.rows_per_program > 1 and narrow.store_cache == ""
 
 
 @needs_triton
@@ -191,6 +210,20 @@ def test_swiglu_skinny_kernel_with_forced_split_k(poisoned, dtype, split_k):
     check(out, swiglu_mod.swiglu_linear_reference(x, w13, "silu"), ref64, dtype)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", [GemvConfig(1, 64, 1, 2), GemvConfig(4, 32, 3, 1), GemvConfig(16, 128, 1, 4, 2)])
+def test_swiglu_gemv_one_row_with_forced_configs(poisoned, dtype, config):
+    """The one-row kernel: rows per program beyond F (masked), split-K (finished by act_mul),
+    a pipelined K loop; K = 100 is no multiple of any K block."""
+    x = randn(1, 1, 100, dtype=dtype)
+    w1, w3, w13 = _swiglu_weights(24, 100, dtype)
+    out = swiglu_mod.swiglu_gemv_triton(x, w13, "gelu_tanh", config=config)
+    ref64 = act64(x.double() @ w1.double().T, "gelu_tanh") * (x.double() @ w3.double().T)
+    assert out.shape == (1, 1, 24)
+    check(out, swiglu_mod.swiglu_linear_reference(x, w13, "gelu_tanh"), ref64, dtype)
+
+
 def test_act_mul_rejects_an_unknown_activation():
     with pytest.raises(ValueError, match="unknown activation"):
         swiglu_mod.act_mul(randn(2, 8), "relu")
@@ -230,6 +263,39 @@ def test_skinny_linear_configs_agree(poisoned, dtype, config):
     x, w, b = randn(5, 136, dtype=dtype), randn(40, 136, dtype=dtype, scale=136 ** -0.5), randn(40, dtype=dtype)
     out = qkv_mod.linear_triton(x, w, b, config=config)
     check(out, qkv_mod.linear_reference(x, w, b), x.double() @ w.double().T + b.double(), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", [GemvConfig(1, 32), GemvConfig(8, 64, 3, 2), GemvConfig(16, 256, 1, 4, 3)])
+def test_gemv_configs_agree(poisoned, dtype, config):
+    x, w, b = randn(1, 136, dtype=dtype), randn(40, 136, dtype=dtype, scale=136 ** -0.5), randn(40, dtype=dtype)
+    out = qkv_mod.gemv_triton(x, w, b, config=config)
+    check(out, qkv_mod.linear_reference(x, w, b), x.double() @ w.double().T + b.double(), dtype)
+
+
+@needs_triton
+def test_linear_sends_one_row_to_the_gemv_and_untuned_shapes_of_more_rows_to_cublas(monkeypatch):
+    calls = []
+    real_gemv, real_skinny = qkv_mod.gemv_triton, qkv_mod.linear_triton
+    monkeypatch.setattr(qkv_mod, "gemv_triton", lambda *a, **k: calls.append("gemv") or real_gemv(*a, **k))
+    monkeypatch.setattr(qkv_mod, "linear_triton", lambda *a, **k: calls.append("skinny") or real_skinny(*a, **k))
+    w = randn(24, 32, scale=32 ** -0.5)
+    qkv_mod.linear(randn(1, 1, 32), w)
+    qkv_mod.linear(randn(4, 32), w)
+    assert calls == ["gemv"]
+    monkeypatch.setitem(qkv_mod.SKINNY_TUNED, ("linear", 24, 32), SkinnyConfig(16, 32, 1))
+    out = qkv_mod.linear(randn(4, 32), w)
+    assert calls == ["gemv", "skinny"] and out.shape == (4, 24)
+
+
+def test_gemv_config_fills_the_gpu():
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sms = qkv_mod._sm_count(dev)
+    for n, k, tiles in [(3072, 2048, 1), (2048, 8192, 1), (8192, 2048, 2), (128256, 2048, 1), (64, 4096, 1)]:
+        cfg = qkv_mod.gemv_config(n, k, dev, tiles)
+        assert math.ceil(n / cfg.block_n) * cfg.split_k >= sms, (n, k, cfg)
+        assert cfg.block_n * tiles * cfg.block_k <= 4096
 
 
 def test_skinny_config_fills_the_gpu_and_respects_shared_memory():
