@@ -20,6 +20,7 @@ def _fusion_line(f) -> str:
         "rope_kvcache": "rotary embedding of q and k plus the KV-cache write -> one kernel",
         "attention": "attention with its soft-cap/sink/mask epilogue -> one kernel",
         "sampling": "temperature, top-k/top-p and the draw -> one kernel in the generation loop",
+        "linear": "every other linear -> the fastest GEMM/GEMV for its shape (Triton GEMV at decode)",
     }[f.kind]
     where = "" if f.kind == "sampling" else f" at '{f.at}'"
     req = "" if f.required else " (optional)"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 LANGUAGE_VERSION = 1
 
-FUSION_KINDS = ("rmsnorm_residual", "qkv", "swiglu", "rope_kvcache", "attention", "sampling")
+FUSION_KINDS = ("rmsnorm_residual", "qkv", "swiglu", "rope_kvcache", "attention", "sampling",
+                # planlang extension: every linear no other fusion took -> the per-shape fastest GEMM/GEMV
+                "linear")
 
 # Options each fusion kind takes (spec §4). Values are checked in plan.py.
 FUSION_OPTIONS = {
@@ -14,6 +16,7 @@ FUSION_OPTIONS = {
     "rope_kvcache": (),
     "attention": ("softcap", "sink", "mask"),
     "sampling": ("temperature", "top_k", "top_p"),
+    "linear": (),
 }
 ACTIVATIONS = ("silu", "gelu_tanh")
 ATTENTION_MASKS = ("causal", "none")  # or {sliding_window: N}

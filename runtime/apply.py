@@ -32,9 +32,12 @@ from .kernels.backend import triton_available
 from .passes.fusions import PASSES, FusedWeights, Site, _all_passes
 
 PASSES.update(_all_passes())
+from .passes.linear import LinearPass  # noqa: E402
+
+PASSES["linear"] = LinearPass()
 from .passes.graph import GraphView, capture
 
-PASS_ORDER = ("rmsnorm_residual", "swiglu", "qkv", "rope_kvcache", "attention")
+PASS_ORDER = ("rmsnorm_residual", "swiglu", "qkv", "rope_kvcache", "attention", "linear")
 
 
 class ApplyError(Exception):
@@ -184,7 +187,7 @@ def find_sites(views: list[GraphView], plan: Plan) -> dict[int, list[Site]]:
 
 
 def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kernels: dict, skipped: dict,
-                       compile_mode: str):
+                       rewritten: dict, compile_mode: str):
     """Step 4: the torch.compile backend that rewrites each graph Dynamo hands it."""
     rules = [(i, f, Selector.parse(f.at)) for i, f in enumerate(plan.fusions) if f.kind in PASSES]
 
@@ -203,6 +206,7 @@ def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kern
                             skipped.setdefault(i, {})[site.path] = done
                         else:
                             kernels.setdefault(i, set()).add(done)
+                            rewritten.setdefault(i, set()).add(site.path)
         remove_dead_code(gm.graph)
         gm.graph.lint()
         gm.recompile()
@@ -291,6 +295,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
     weights = FusedWeights()
     kernels: dict[int, set] = {}
     skipped: dict[int, dict] = {}
+    rewritten: dict[int, set] = {}
     training = plan.mode == "training"
     sampling = None
     for i, rule in enumerate(plan.fusions):
@@ -304,7 +309,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         report.notes.append("training: fused kernels have no backward yet; the PyTorch reference runs")
     else:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        backend = _rewriting_backend(model, plan, weights, kernels, skipped, mode)
+        backend = _rewriting_backend(model, plan, weights, kernels, skipped, rewritten, mode)
         forward = torch.compile(model, backend=backend, dynamic=plan.compile.dynamic or None,
                                 fullgraph=plan.compile.fullgraph)
         with torch.no_grad():
@@ -312,7 +317,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
     for i, rule in enumerate(plan.fusions):
         if rule.kind == "sampling":
             continue
-        names = sorted({s.path for s in sites.get(i, [])})
+        names = sorted(rewritten.get(i, set()) if not training else {s.path for s in sites.get(i, [])})
         kern = ", ".join(sorted(kernels.get(i, ()))) or "none"
         kern = f"planlang::{kern} ({'triton' if ok else 'reference'})" if not training else "reference (training)"
         lost = skipped.get(i, {})
