@@ -62,10 +62,13 @@ def main(argv: list[str]) -> int:
         print(f"{name:<64} {row['cases']:>8} {row['seconds']:>9.1f} {rate:>8.0f} {row['outcome']:>8}")
     for (kind, file, function), hits in sorted(recorder.known_bugs.items()):
         print(f"  skipped {hits} case(s) hitting the known bug {kind} in {file}:{function} (see KNOWN_BUGS)")
+    others = sorted(name for name, row in recorder.rows.items() if name not in fuzzed and row["outcome"] == "failed")
+    if others:
+        print(f"  other tests of the file failing: {', '.join(others)}")
     cases = sum(row["cases"] for row in fuzzed.values())
-    failed = sum(row["outcome"] == "failed" for row in recorder.rows.values())
+    failed = sum(row["outcome"] == "failed" for row in fuzzed.values())
     print(f"fuzzed {len(fuzzed)} tests, {cases} cases (>= {examples} asked per test) in {total:.0f} s: "
-          f"{failed} failing, {'no' if not failed else 'SOME'} unexpected exceptions")
+          f"{'no' if not failed else str(failed) + ' test(s) with'} unexpected exceptions")
     return int(status)
 
 

@@ -124,7 +124,7 @@ def cmd_lint(args) -> int:
     from .validate import validate
 
     catalog, diags = _catalog(args.hardware)
-    unreadable = False
+    unreadable = catalog is None  # a bad --hardware file: the command cannot run
     for path in args.plans:
         loaded = load_with_source(path)
         diags.extend(loaded.diagnostics)
@@ -164,8 +164,8 @@ def cmd_fmt(args) -> int:
     try:
         doc, source = read_document(path)
     except SourceError as exc:
-        d = Diagnostic(exc.code, exc.message, "", str(path), exc.span, exc.hint)
-        print(render_text([d]), file=sys.stderr)
+        from .loader import _source_error, _text_of
+        print(render_text([_source_error(exc, str(path), _text_of(path))]), file=sys.stderr)
         return EXIT_USAGE if exc.code == "PL100" else EXIT_ERRORS
     plan, diags = Plan.from_document(doc, source)
     if plan is None:
@@ -182,7 +182,10 @@ def cmd_fmt(args) -> int:
         return EXIT_OK if same else EXIT_ERRORS
     if args.write:
         out = path if to == own else path.with_suffix(".plan" if to == "plan" else ".yaml")
-        atomic_write(out, text)
+        try:
+            atomic_write(out, text)
+        except OSError as exc:
+            raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
         print(f"wrote {out}", file=sys.stderr)
         return EXIT_OK
     sys.stdout.write(text)

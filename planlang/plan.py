@@ -24,7 +24,7 @@ OpKind = Literal[names.OP_KINDS]  # type: ignore[valid-type]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=False, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------- fusions
@@ -52,7 +52,7 @@ class FusionRule(Section):
     @model_validator(mode="before")
     @classmethod
     def _options_belong_to_kind(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("kind") in names.FUSION_OPTIONS:
+        if isinstance(data, dict) and isinstance(data.get("kind"), str) and data["kind"] in names.FUSION_OPTIONS:
             allowed = names.FUSION_OPTIONS[data["kind"]]
             for key in data:
                 if key in ("kind", "at", "required") or key in allowed:
@@ -358,14 +358,30 @@ def _doc_get(doc: Any, loc: tuple) -> Any:
     return cur
 
 
-def _clean_loc(loc: tuple) -> tuple:
-    # pydantic inserts union member tags ('literal[...]', 'SlidingWindow') in locs: drop them.
-    return tuple(p for p in loc if isinstance(p, int) or not (
-        p.startswith(("literal[", "function-")) or p[:1].isupper() or p in ("str", "int", "list[int]")))
+def _is_union_tag(p) -> bool:
+    return isinstance(p, str) and (p.startswith(("literal[", "function-")) or p[:1].isupper()
+                                   or p in ("str", "int", "float", "bool", "list[int]"))
+
+
+def _clean_loc(loc: tuple, doc: Any = None) -> tuple:
+    """pydantic's error location as a document path: union member tags ('literal[...]',
+    'SlidingWindow') are dropped, but a key the document really has stays, however it is
+    spelt (a top-level `Target:` is a key, not a tag)."""
+    out, cur = [], doc
+    for p in loc:
+        present = (isinstance(cur, dict) and p in cur) or (isinstance(cur, list) and isinstance(p, int)
+                                                           and 0 <= p < len(cur))
+        if present:
+            cur = cur[p]
+            out.append(p)
+        elif not _is_union_tag(p):
+            cur = None
+            out.append(p)
+    return tuple(out)
 
 
 def _diagnostic(err: dict, doc: Any, source: SourceMap | None) -> Diagnostic:
-    loc = _clean_loc(tuple(err["loc"]))
+    loc = _clean_loc(tuple(err["loc"]), doc)
     t = err["type"]
     ctx = err.get("ctx") or {}
     value = err.get("input")
@@ -425,7 +441,7 @@ def _one_per_union(errors: list[dict], doc: Any) -> list[dict]:
         loc = err["loc"]
         if "mask" in loc:
             i = loc.index("mask")
-            meant_mapping = isinstance(_doc_get(doc, _clean_loc(loc[: i + 1])), dict)
+            meant_mapping = isinstance(_doc_get(doc, _clean_loc(loc[: i + 1], doc)), dict)
             from_mapping = any(isinstance(p, str) and p == "SlidingWindow" for p in loc)
             if meant_mapping != from_mapping:
                 continue
@@ -452,6 +468,7 @@ def _known_keys(loc: tuple, parent: Any) -> list[str]:
         return ["sliding_window"]
     if head == "fusions":
         kind = parent.get("kind") if isinstance(parent, dict) else None
+        kind = kind if isinstance(kind, str) else None
         opts = names.FUSION_OPTIONS.get(kind, ())
         return ["kind", "at", "required", *opts]
     model = _SECTION_MODELS.get(head)

@@ -291,13 +291,20 @@ def _span(item: Token | Tree) -> Span:
 
 def _string(token: Token) -> str:
     try:
-        return json.loads(token, strict=False)  # JSON escapes; a raw tab is kept
+        value = json.loads(token, strict=False)  # JSON escapes; a raw tab is kept
     except ValueError as exc:
         raise SourceError("PL101", f"invalid escape in a quoted string ({exc.msg})", _span(token),
                           'quoted strings use JSON escapes: \\" \\\\ \\n \\t \\uXXXX') from None
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise SourceError("PL101", "a quoted string holds a lone surrogate (\\ud800-\\udfff), which is not text",
+                          _span(token), "write the character itself, or a surrogate pair")
+    return value
 
 
-def _number(text: str) -> int | float:
+def _number(text: str, token: Token | None = None) -> int | float:
+    if len(text) > 64:
+        raise SourceError("PL101", f"number with {len(text)} characters is too long",
+                          _span(token) if token is not None else None, "numbers in a plan are short")
     if re.fullmatch(r"[+-]?\d+", text):
         return int(text)
     return float(text)
@@ -305,7 +312,7 @@ def _number(text: str) -> int | float:
 
 def _token_value(token: Token) -> Any:
     if token.type == "NUMBER":
-        return _number(token)
+        return _number(token, token)
     if token.type == "STRING":
         return _string(token)
     if token.type == "WORD" and token in ("true", "false"):

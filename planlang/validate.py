@@ -300,7 +300,7 @@ def check_memory(check: Check) -> Iterator[Diagnostic]:
 
 def check_parallel(check: Check) -> Iterator[Diagnostic]:
     par = check.plan.parallel
-    if par.tensor > 1 and check.target is not None and check.target.vendor not in ("nvidia", "cpu"):
+    if par.tensor > 1 and check.target is not None and not (check.is_cuda or check.target.is_cpu):
         yield check.diag(("parallel", "tensor"), "PL209",
                          f"tensor parallelism runs on NCCL (CUDA) or gloo (CPU); target {check.target.id} has neither")
     if par.tensor == 1 and (par.sequence or par.styles):

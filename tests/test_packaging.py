@@ -6,7 +6,7 @@ in the checkout that others work in.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -33,15 +33,19 @@ def _copy_sources(dest: Path) -> Path:
 
 
 def _has_pypa_build() -> bool:
-    # A `build/` folder of setuptools on sys.path is a namespace package named `build`
-    # too: only a real module (with an origin) is pypa/build.
-    spec = importlib.util.find_spec("build")
-    return spec is not None and spec.origin is not None
+    # Asked of the installed distributions, not the import system: setuptools' `build/`
+    # folder in the checkout imports as a namespace package called `build` too.
+    try:
+        importlib.metadata.distribution("build")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _build_command(project: Path, out: Path) -> list[str]:
     if _has_pypa_build():
-        return [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--skip-dependency-check", "--outdir", str(out), str(project)]
+        return [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--skip-dependency-check",
+                "--outdir", str(out), str(project)]
     return [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir",
             "-w", str(out), str(project)]
 

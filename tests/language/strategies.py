@@ -25,6 +25,7 @@ def _fusion(kind):
         "qkv": st.just({}),
         "swiglu": st.fixed_dictionaries({}, optional={"act": st.sampled_from(names.ACTIVATIONS)}),
         "rope_kvcache": st.just({}),
+        "linear": st.just({}),
         "attention": st.fixed_dictionaries({}, optional={
             "softcap": pos_float, "sink": st.booleans(),
             "mask": st.one_of(st.sampled_from(names.ATTENTION_MASKS),

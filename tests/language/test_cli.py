@@ -321,22 +321,11 @@ def caret_targets(text: str) -> list[tuple[str, str]]:
     ("38_text_unknown_kind.plan", "PL108", "qvk"),
     ("07_unknown_target.yaml", "PL203", "h1000"),
     ("16_bad_selector_bracket.yaml", "PL110", "["),
-])
-def test_text_output_puts_the_carets_under_the_exact_span(capsys, plan, code, under):
-    rc, out, _ = run(capsys, "lint", INVALID / plan)
-    assert rc == 1
-    assert (code, under) in caret_targets(out), out
-
-
-@pytest.mark.xfail(strict=True, reason="loader._read_chain builds reader errors (PL101/PL102/PL103, raised "
-                                       "by read_document) without the source line, so text output shows "
-                                       "no caret for syntax errors")
-@pytest.mark.parametrize("plan, code, under", [
     ("37_text_unknown_statement.plan", "PL101", "fuze"),
     ("10_duplicate_key.yaml", "PL102", "target"),
     ("12_python_tag.yaml", "PL103", "!!python/object:os.system x"),
 ])
-def test_reader_errors_show_the_caret_too(capsys, plan, code, under):
+def test_text_output_puts_the_carets_under_the_exact_span(capsys, plan, code, under):
     rc, out, _ = run(capsys, "lint", INVALID / plan)
     assert rc == 1
     assert (code, under) in caret_targets(out), out
@@ -449,18 +438,13 @@ def _fail_replace(*args, **kwargs):
 def test_fmt_write_failing_midway_leaves_the_original_and_no_temp_file(capsys, tmp_path, monkeypatch):
     path = write(tmp_path / "messy.yaml", MESSY_YAML)
     monkeypatch.setattr(os, "replace", _fail_replace)
-    try:
-        rc = cli.main(["fmt", "--write", str(path)])
-    except OSError:
-        rc = None  # raised through main: see the xfail test below
+    rc = cli.main(["fmt", "--write", str(path)])
     capsys.readouterr()
-    assert rc in (None, 2)
+    assert rc == 2
     assert path.read_text() == MESSY_YAML
     assert sorted(p.name for p in tmp_path.iterdir()) == ["messy.yaml"]
 
 
-@pytest.mark.xfail(strict=True, reason="cli.cmd_fmt lets the OSError of a failed write escape main() "
-                                       "(a traceback); it should print the reason and exit 2")
 def test_fmt_write_failure_is_reported_with_exit_2(capsys, tmp_path, monkeypatch):
     path = write(tmp_path / "messy.yaml", MESSY_YAML)
     monkeypatch.setattr(os, "replace", _fail_replace)
@@ -619,9 +603,6 @@ def test_missing_hardware_file_exits_2_for_targets_and_explain(capsys, tmp_path)
     assert run(capsys, "explain", "--hardware", missing, PLANS / "h100_decode.yaml")[0] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="cli.cmd_lint counts only PL100 as unreadable: a missing "
-                                       "--hardware file exits 1, while explain and targets exit 2 (spec §11: "
-                                       "2 = the command could not run, unreadable file)")
 def test_missing_hardware_file_exits_2_for_lint(capsys, tmp_path):
     assert run(capsys, "lint", "--hardware", tmp_path / "missing.yaml", PLANS / "h100_decode.yaml")[0] == 2
 
@@ -772,10 +753,6 @@ def test_subprocess_fmt_to_plan():
     assert proc.returncode == 0 and proc.stdout.startswith("planlang 1\nplan h100_decode on h100\n")
 
 
-@pytest.mark.xfail(strict=True, reason="plan.py accepts an infinite float option (softcap: .inf, "
-                                       "eps/temperature too); the text writer cannot write it, so "
-                                       "`fmt --to plan` raises ValueError; the schema should refuse "
-                                       "non-finite numbers with PL105")
 def test_infinite_option_is_refused_not_a_traceback(capsys, tmp_path):
     plan = write(tmp_path / "inf.yaml", "planlang: 1\ntarget: h100\nfusions: [{kind: attention, softcap: .inf}]\n")
     rc, out, _ = run(capsys, "lint", plan)
@@ -784,9 +761,6 @@ def test_infinite_option_is_refused_not_a_traceback(capsys, tmp_path):
     assert rc == 1
 
 
-@pytest.mark.xfail(strict=True, reason="text_reader._string accepts a lone surrogate escape (\"\\ud800\") "
-                                       "that YAML refuses; `fmt` of such a .plan then dies on stdout with "
-                                       "UnicodeEncodeError (a traceback)")
 def test_lone_surrogate_in_the_text_form_is_no_traceback(tmp_path):
     plan = write(tmp_path / "sur.plan", 'planlang 1\nprovenance device "\\ud800"\n')
     proc = run_process("fmt", plan)
@@ -794,10 +768,18 @@ def test_lone_surrogate_in_the_text_form_is_no_traceback(tmp_path):
     assert proc.returncode in (0, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="validate.check_parallel tests target.vendor in ('nvidia', 'cpu'), but "
-                                       "the shipped cpu target has vendor 'any': `target: cpu` with tensor 2 "
-                                       "gets PL209 'target cpu has neither', against spec §8a (gloo on CPU)")
 def test_tensor_parallel_on_the_cpu_target_is_allowed(capsys, tmp_path):
     plan = write(tmp_path / "tp_cpu.yaml", "planlang: 1\ntarget: cpu\nparallel: {tensor: 2}\n")
     rc, out, _ = run(capsys, "lint", plan)
     assert rc == 0, out
+
+
+def test_fmt_shows_the_caret_of_a_syntax_error(capsys):
+    rc, _, err = run(capsys, "fmt", INVALID / "37_text_unknown_statement.plan")
+    assert rc == 1
+    assert ("PL101", "fuze") in caret_targets(err), err
+
+
+def test_a_list_as_fusion_kind_is_a_diagnostic(capsys, tmp_path):
+    rc, out, _ = run(capsys, "lint", write(tmp_path / "kind.yaml", "planlang: 1\nfusions: [{kind: [qkv]}]\n"))
+    assert rc == 1 and ("PL105" in out or "PL108" in out)

@@ -127,6 +127,12 @@ def test_language_doc_covers_every_section(language_doc):
         assert f"`{preset}`" in language_doc, preset
 
 
+def test_fusion_table_names_every_fusion_kind(language_doc):
+    section = language_doc[language_doc.index("### `fusions`"):language_doc.index("### `graphs`")]
+    rows = {m.group(1) for m in re.finditer(r"^\| `(\w+)` \|", section, re.M)}
+    assert set(planlang.names.FUSION_KINDS) <= rows, set(planlang.names.FUSION_KINDS) - rows
+
+
 def test_text_form_table_names_every_statement(language_doc):
     table = language_doc[language_doc.index("## The text form"):]
     rows = [line for line in table.splitlines() if line.startswith("| `")]
@@ -182,12 +188,13 @@ def _section_files(body: str, folder: Path) -> None:
             (folder / m.group(1)).write_text(block.text, encoding="utf-8")
 
 
-def test_bad_examples_produce_their_code_and_the_printed_output(diagnostics_doc, tmp_path):
+def test_bad_examples_produce_their_code_and_the_printed_output(diagnostics_doc, tmp_path, monkeypatch):
     checked = 0
     for code, (_, body) in sections(diagnostics_doc).items():
         folder = tmp_path / code
         folder.mkdir()
         _section_files(body, folder)
+        monkeypatch.chdir(folder)  # lint `NAME` as a user would, so the output shows NAME
         found = blocks(body)
         for i, block in enumerate(found):
             m = EXPECT.match(block.text)
@@ -196,9 +203,9 @@ def test_bad_examples_produce_their_code_and_the_printed_output(diagnostics_doc,
             assert m.group(1) == code, f"the example under {code} expects {m.group(1)}"
             output = found[i + 1] if i + 1 < len(found) and found[i + 1].lang == "text" else None
             name = output.text.split(":", 1)[0] if output else f"bad.{block.lang}"
-            path = folder / name
+            path = Path(name)
             path.write_text(block.text, encoding="utf-8")
-            _, diags = lint(path, folder)
+            _, diags = lint(path, Path("."))
             line, col = int(m.group(2)), m.group(3)
             hits = [d for d in diags if d.code == code and d.line == line and (not col or d.column == int(col))]
             assert hits, (code, [(d.code, d.line, d.column) for d in diags])
@@ -209,7 +216,8 @@ def test_bad_examples_produce_their_code_and_the_printed_output(diagnostics_doc,
     assert checked >= 35
 
 
-def test_fixed_plans_lint_without_errors(diagnostics_doc, tmp_path):
+def test_plans_of_the_diagnostics_doc_lint_without_errors_without_a_model(diagnostics_doc, tmp_path):
+    """The fixed plans, and the examples of codes that need a model (clean without one)."""
     checked = 0
     for code, (_, body) in sections(diagnostics_doc).items():
         folder = tmp_path / code
@@ -219,11 +227,11 @@ def test_fixed_plans_lint_without_errors(diagnostics_doc, tmp_path):
                 continue
             path = folder / f"{plan_name(block.text) or f'fixed_{i}'}.{block.lang}"
             path.write_text(block.text, encoding="utf-8")
-            loaded, diags = lint(path, folder)
+            loaded = load_with_source(path, cwd=folder)
             target = None if "target" in (loaded.merged or {}) else "h100"
             _, diags = lint(path, folder, target)
             errors = [(d.code, d.message) for d in diags if d.severity == "error" or d.code == code]
-            assert errors == [], f"{code}: the fixed plan still gets {errors}"
+            assert errors == [], f"{code}: {path.name} gets {errors}"
             checked += 1
     assert checked >= 30
 
