@@ -131,13 +131,13 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _decode_split_kernel(
-        q_ptr, k_ptr, v_ptr, pos_ptr, sinks_ptr, part_out_ptr, part_lse_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, pos_ptr, sinks_ptr, part_out_ptr, part_lse_ptr, out_ptr, counter_ptr,
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd,
         stride_ob, stride_oh, stride_od,
-        scale, softcap, window, S, Hq,
-        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        scale, softcap, window, S, Hq, Hkv, min_chunk,
+        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, FAST_TANH: tl.constexpr,
@@ -145,8 +145,12 @@ if _HAVE_TRITON:
         """One (batch row, KV head, split): all GROUP query heads over one slice of the context.
 
         The slice is computed on the device from input_pos: the visible range [lo, hi) is cut
-        into NUM_SPLITS chunks of whole blocks; a program whose chunk is empty writes an
-        empty partial (lse = -inf). With NUM_SPLITS == 1 the program finishes the job itself.
+        into at most NUM_SPLITS chunks of whole blocks. Without FUSED_REDUCE a program whose
+        chunk is empty writes an empty partial (lse = -inf) for the reduce kernel. With
+        FUSED_REDUCE, chunks hold at least `min_chunk` keys, so a short context uses few
+        splits (one: that program writes the output, no partials); the splits past the
+        active ones do nothing, and the last active split to finish (a per-(row, KV head)
+        arrival counter, reset by that program) merges the partials: no second launch.
         """
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -158,8 +162,11 @@ if _HAVE_TRITON:
         if HAS_WINDOW:
             lo = tl.maximum(pos - window + 1, 0)
         chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        if FUSED_REDUCE:
+            chunk = tl.maximum(chunk, min_chunk)  # min_chunk: a multiple of BLOCK_N
+        n_active = tl.cdiv(hi - lo, chunk)  # >= 1: the query's own key is always visible
         start = lo + split * chunk
-        stop = tl.minimum(start + chunk, hi)
+        stop = tl.minimum(start + chunk, hi)  # start >= stop for the idle splits: no loop trips
 
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
@@ -198,15 +205,45 @@ if _HAVE_TRITON:
             acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
             m_i = m_new
 
-        if NUM_SPLITS == 1:
+        if FUSED_REDUCE:
+            out_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+            gd_ok = g_ok[:, None] & d_ok[None, :]
+            if n_active == 1:
+                if split == 0:
+                    out = _decode_finish(acc, m_i, l_i, sinks_ptr, heads, g_ok, HAS_SINKS)
+                    tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=gd_ok)
+            else:
+                if split < n_active:
+                    row = (b * Hq + heads) * NUM_SPLITS + split  # partials are [B, Hq, NUM_SPLITS, (D)]
+                    out = acc / l_i[:, None]  # an active split holds >= 1 visible key: l_i > 0
+                    tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=g_ok)
+                    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=gd_ok)
+                    # Every thread's partial stores come before the arrival (release, GPU scope).
+                    tl.debug_barrier()
+                    counter = counter_ptr + b * Hkv + kv_head
+                    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                    if arrived == n_active - 1:  # the last to arrive: all partials are written
+                        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                        first = (b * Hq + heads) * NUM_SPLITS
+                        m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
+                        l_all = tl.zeros([BLOCK_G], tl.float32)
+                        acc_all = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+                        for s_idx in range(0, n_active):
+                            # .cg: read from L2, where the other programs' stores landed.
+                            lse = tl.load(part_lse_ptr + first + s_idx, mask=g_ok, other=0.0, cache_modifier=".cg")
+                            part = tl.load(part_out_ptr + (first + s_idx)[:, None] * HEAD_DIM + offs_d[None, :],
+                                           mask=gd_ok, other=0.0, cache_modifier=".cg")
+                            m_new = tl.maximum(m_all, lse)
+                            alpha = tl.exp2(m_all - m_new)
+                            w = tl.exp2(lse - m_new)
+                            l_all = l_all * alpha + w
+                            acc_all = acc_all * alpha[:, None] + part * w[:, None]
+                            m_all = m_new
+                        out = _decode_finish(acc_all, m_all, l_all, sinks_ptr, heads, g_ok, HAS_SINKS)
+                        tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=gd_ok)
+        elif NUM_SPLITS == 1:
             # The only split: apply the sink and write the output directly, no reduce launch.
-            denom = l_i
-            if HAS_SINKS:
-                sink = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-                m_all = tl.maximum(m_i, sink)
-                acc = acc * tl.exp2(m_i - m_all)[:, None]
-                denom = l_i * tl.exp2(m_i - m_all) + tl.exp2(sink - m_all)
-            out = acc / denom[:, None]
+            out = _decode_finish(acc, m_i, l_i, sinks_ptr, heads, g_ok, HAS_SINKS)
             tl.store(
                 out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                 out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :],
@@ -218,6 +255,17 @@ if _HAVE_TRITON:
             row = (b * Hq + heads) * NUM_SPLITS + split  # partials are [B, Hq, NUM_SPLITS, (D)]
             tl.store(part_lse_ptr + row, lse, mask=g_ok)
             tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _decode_finish(acc, m_i, l_i, sinks_ptr, heads, g_ok, HAS_SINKS: tl.constexpr):
+        """acc / l_i with the sink joining the denominator: the finished output rows (float32)."""
+        denom = l_i
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            m_all = tl.maximum(m_i, sink)
+            acc = acc * tl.exp2(m_i - m_all)[:, None]
+            denom = l_i * tl.exp2(m_i - m_all) + tl.exp2(sink - m_all)
+        return acc / tl.where(g_ok, denom, 1.0)[:, None]  # padding heads: 0, never stored
 
     @triton.jit
     def _decode_reduce_kernel(
@@ -347,14 +395,32 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def decode_num_splits(batch: int, kv_heads: int, cache_len: int, block_n: int, device: torch.device) -> int:
-    """How many KV splits a decode launch uses: enough programs to fill the GPU about twice,
-    never more splits than the cache has blocks. Depends only on shapes, so it is fixed
-    inside a captured CUDA graph."""
+def decode_num_splits(batch: int, kv_heads: int, cache_len: int, block_n: int, device: torch.device,
+                      waves: float = 2.0) -> int:
+    """The most KV splits a decode launch may use: enough programs to fill the GPU about
+    `waves` times over a long context, never more splits than the cache has blocks. Depends
+    only on shapes, so it is fixed inside a captured CUDA graph; how many splits actually
+    work is decided on the device from the context length (see `min_chunk`)."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 8
-    wanted = math.ceil(2 * sms / max(batch * kv_heads, 1))
+    wanted = math.ceil(waves * sms / max(batch * kv_heads, 1))
     return max(1, min(wanted, triton.cdiv(cache_len, block_n), 64))
+
+
+_COUNTERS: dict = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (batch row, KV head), kept per device: the decode
+    kernel's last split resets its counter, so they are zero again after every launch
+    (also inside a replayed CUDA graph). Launches on two streams at once must not share
+    them: decode launches are assumed to run on one stream per device."""
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -378,13 +444,17 @@ def attention_triton(
     num_splits: Optional[int] = None,
     num_warps: Optional[int] = None,
     num_stages: Optional[int] = None,
+    min_chunk: Optional[int] = None,
+    fused_reduce: bool = True,
+    waves: Optional[float] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the Triton kernels (decode for T == 1, prefill otherwise); returns `out`
     ([B, T, Hq, D], any strides; allocated when not given).
 
     The keyword tuning knobs (`block_n`, `block_m`, `num_splits`, `num_warps`,
-    `num_stages`) exist for benchmarks and tests; left out, shape-based defaults apply.
+    `num_stages`; for decode `min_chunk`, `fused_reduce`, `waves`) exist for benchmarks and
+    tests; left out, shape-based defaults apply.
     """
     B, T, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
@@ -401,34 +471,42 @@ def attention_triton(
     sinks_arg = sinks if sinks is not None else q  # never read when HAS_SINKS is False
     if T == 1:
         _launch_decode(q, k_cache, v_cache, input_pos, sinks_arg, out, common,
-                       block_n, num_splits, num_warps, num_stages)
+                       block_n, num_splits, num_warps, num_stages, min_chunk, fused_reduce, waves)
     else:
         _launch_prefill(q, k_cache, v_cache, input_pos, sinks_arg, out, common, causal,
                         block_m, block_n, num_warps, num_stages)
     return out
 
 
-def _launch_decode(q, k_cache, v_cache, input_pos, sinks, out, common, block_n, num_splits, num_warps, num_stages):
+def _launch_decode(q, k_cache, v_cache, input_pos, sinks, out, common, block_n, num_splits, num_warps, num_stages,
+                   min_chunk=None, fused_reduce=True, waves=None):
     B, _, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
-    block_n = block_n or 64
-    splits = num_splits or decode_num_splits(B, Hkv, S, block_n, q.device)
+    half = q.dtype != torch.float32  # float32 tiles are twice the bytes: smaller, fewer stages
+    block_n = block_n or (128 if half else 64)  # swept on H100 (bf16, D=64): 128 keys, 4 warps, 3 stages
+    splits = num_splits or decode_num_splits(B, Hkv, S, block_n, q.device, waves or 2.0)
+    # Each working split reads at least min_chunk keys: a short context uses one split and
+    # no partials (the split loop's fixed costs outweigh the parallelism below ~256 keys).
+    min_chunk = triton.cdiv(min_chunk or 256, block_n) * block_n
     # The partials are small (B * Hq * splits * D floats); with one split they are not used.
     part_out = torch.empty((B, Hq, splits, D) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((B, Hq, splits) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
+    counters = _arrival_counters(q.device, B * Hkv) if fused_reduce and splits > 1 else part_lse
     _decode_split_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, input_pos, sinks, part_out, part_lse, out,
+        q, k_cache, v_cache, input_pos, sinks, part_out, part_lse, out, counters,
         q.stride(0), q.stride(2), q.stride(3),
         *k_cache.stride(), *v_cache.stride(),
         out.stride(0), out.stride(2), out.stride(3),
-        NUM_SPLITS=splits, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        Hkv=Hkv, min_chunk=min_chunk,
+        NUM_SPLITS=splits, FUSED_REDUCE=fused_reduce and splits > 1,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=q.device.type != "cuda",
         FAST_TANH=q.device.type == "cuda" and q.dtype != torch.float32,
-        num_warps=num_warps or 4, num_stages=num_stages or 2,
+        num_warps=num_warps or 4, num_stages=num_stages or (3 if half else 2),
         **common,
     )
-    if splits > 1:
+    if splits > 1 and not fused_reduce:
         _decode_reduce_kernel[(B * Hq,)](
             part_out, part_lse, sinks, out,
             out.stride(0), out.stride(2), out.stride(3), Hq,
@@ -446,7 +524,9 @@ def prefill_config(T: int, D: int, dtype: torch.dtype) -> tuple[int, int, int, i
         return 32, 32, 4, 2  # float32 tiles are twice the bytes: larger ones spill
     if T < 128:
         return (16 if T <= 16 else 64), 64, 4, 2
-    return 128, 64, 8, (3 if D <= 64 else 2)
+    if D <= 64:
+        return 64, 64, 4, 3  # H100 sweep, bf16 D=64 T=2048: 77 us against 91 for (128, 64, 8, 3)
+    return 128, 64, 8, 2
 
 
 def _launch_prefill(q, k_cache, v_cache, input_pos, sinks, out, common, causal, block_m, block_n, num_warps, num_stages):

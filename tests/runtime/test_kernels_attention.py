@@ -140,13 +140,28 @@ def test_kernel_matches_the_definition_in_half_types(dtype, T, feature):
 
 
 @needs_triton
+@pytest.mark.parametrize("fused_reduce", [True, False])
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
-def test_decode_gives_the_same_result_for_any_number_of_splits(num_splits):
-    # 8 splits of a 70-key context in blocks of 16: some splits are empty and must weigh 0.
+def test_decode_gives_the_same_result_for_any_number_of_splits(num_splits, fused_reduce):
+    # 8 splits of a 70-key context in blocks of 16: some splits are idle (fused: they do
+    # nothing; separate reduce: their empty partials must weigh 0). min_chunk=16 lets the
+    # fused path use them all; twice in a row, so the arrival counters must have been reset.
     q, k, v, pos, sinks = make_case(T=1, sinks=True, seed=3)
     kwargs = dict(scale=0.25, softcap=5.0, sinks=sinks)
     expected = naive_attention_f64(q, k, v, pos, **kwargs)
-    assert_close(run_kernel(q, k, v, pos, num_splits=num_splits, **kwargs), expected, torch.float32)
+    for _ in range(2):
+        actual = run_kernel(q, k, v, pos, num_splits=num_splits, fused_reduce=fused_reduce, min_chunk=16, **kwargs)
+        assert_close(actual, expected, torch.float32)
+
+
+@needs_triton
+def test_decode_short_context_uses_one_split_of_at_least_min_chunk_keys():
+    # A 40-key window: one working split of the eight (min_chunk 64 or 256), writing the output itself.
+    q, k, v, pos, sinks = make_case(T=1, sinks=True, seed=12)
+    kwargs = dict(scale=0.25, sinks=sinks, window=40)
+    expected = naive_attention_f64(q, k, v, pos, **kwargs)
+    for min_chunk in (64, 256):
+        assert_close(run_kernel(q, k, v, pos, num_splits=8, min_chunk=min_chunk, **kwargs), expected, torch.float32)
 
 
 @needs_triton
