@@ -29,7 +29,7 @@ from .kernels import rope_kvcache as _rope_ops  # noqa: F401
 from .kernels import sampling as _sampling_ops  # noqa: F401
 from .kernels import swiglu as _swiglu_ops  # noqa: F401
 from .kernels.backend import triton_available
-from .passes.fusions import PASSES, FusedWeights, Site, _all_passes
+from .passes.fusions import PASSES, FusedWeights, Site, _all_passes, explain_misses
 
 PASSES.update(_all_passes())
 from .passes.linear import LinearPass  # noqa: E402
@@ -223,7 +223,7 @@ def remove_dead_code(graph) -> int:
     redundant). In-place ops (names ending in `_`), mutating custom ops and outputs stay."""
     removed = 0
     for node in reversed(list(graph.nodes)):
-        if node.users or node.op not in ("call_function", "call_method"):
+        if node.users or node.op not in ("call_function", "call_method") or node.is_impure():
             continue
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
         if name.endswith("_") and not name.endswith("__"):
@@ -277,6 +277,8 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         run = lambda m: m(*args)  # noqa: E731
 
+    # eps and offsets must stay constants in the graph, or recompiled graphs lose the norms.
+    torch._dynamo.config.specialize_float = True
     views = capture(model, run)
     sites = find_sites(views, plan)
     for i, rule in enumerate(plan.fusions):
@@ -286,6 +288,11 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
             names = found.get(("fusions", i, "at"), [])
             msg = (f"fusion '{rule.kind}' found no site in the {len(names)} module(s) '{rule.at}' names"
                    if names else f"fusion '{rule.kind}': '{rule.at}' names no module")
+            if names and rule.kind in PASSES:
+                why = explain_misses(views, rule.kind, Selector.parse(rule.at).selects)
+                if why:
+                    shown = "; ".join(f"{p}: {r}" for p, r in list(why.items())[:3])
+                    msg += f" ({shown}{' ...' if len(why) > 3 else ''})"
             diags.append(at(source, ("fusions", i), "PL309" if rule.required else "PL312", msg,
                             hint="write required: false to allow it, or narrow/widen `at`"))
     if any(d.severity == "error" for d in diags):

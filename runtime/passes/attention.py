@@ -43,7 +43,8 @@ import torch
 import torch.fx as fx
 
 from .fusions import FusedWeights, FusionPass, Site, _const, erase_unused
-from .graph import MUL_METHODS, MUL_TARGETS, GraphView, adopt, is_add, is_call, node_module, shape_dtype
+from .graph import (MUL_METHODS, MUL_TARGETS, GraphView, adopt, example, hint, is_add, is_call, node_module, same_dims,
+                    shape_dtype)
 
 _CASTS = {"to", "float", "type_as", "contiguous", "bfloat16", "half", "type"}
 
@@ -190,7 +191,8 @@ def _unit_except(n: Any, trailing: tuple) -> bool:
     if sd is None or len(sd[0]) < len(trailing):
         return False
     shape, k = tuple(sd[0]), len(trailing)
-    return shape[len(shape) - k:] == tuple(trailing) and all(d == 1 for d in shape[:len(shape) - k])
+    return same_dims(shape[len(shape) - k:], tuple(trailing)) and \
+        all(isinstance(d, int) and d == 1 for d in shape[:len(shape) - k])
 
 
 def _table(view: GraphView, n: Any, x: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
@@ -258,9 +260,9 @@ class RopeKVCachePass(FusionPass):
         for n, _ in ropes:
             path = node_module(n) or ""
             if not any(w == path or w.startswith(path + ".") or path.startswith(w + ".") for w in written):
-                yield path, ("rotary embedding but no static KV-cache write (`cache.index_copy_(2, pos, k)`) "
-                             "in this module: the cache is dynamic (concatenated) or absent; "
-                             "pass a static cache (transformers.StaticCache) to fuse it")
+                yield path, ("rotary embedding but no static KV-cache write `cache.index_copy_(2, pos, k)` "
+                             "in this module: the cache is dynamic (concatenated), rolling (a full "
+                             "sliding-window cache) or absent")
                 written.add(path)
 
     def _site(self, view: GraphView, path: str, ws: list[dict], ropes) -> tuple[str, Found]:
@@ -349,13 +351,26 @@ _SUB = {operator.sub, torch.sub}
 _NEG_INF = -1e30  # an additive or filled mask value at most this is "never attend"
 
 
+def _known_zero(a: Any) -> bool:
+    """0, or a symbolic size Dynamo's guards prove is 0 (Hugging Face's sliding-window
+    key offset `max(length - window + 1, 0)` while the cache is not full)."""
+    if _const(a) is not None:
+        return _const(a) == 0
+    value = example(a)
+    if isinstance(value, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+        return bool(statically_known_true(value == 0))
+    return False
+
+
 def _is_arange(n: Any) -> Optional[int]:
-    """S when n is arange(S) (or arange(0, S)), maybe plus 0; else None."""
+    """S when n is arange(S) (or arange(0, S)), maybe plus a known 0; else None."""
     if is_add(n):
-        consts = [a for a in n.args if _const(a) is not None]
-        if len(consts) != 1 or _const(consts[0]) != 0:
+        zeros = [a for a in n.args if _known_zero(a)]
+        rest = [a for a in n.args if not _known_zero(a)]
+        if len(zeros) != 1 or len(rest) != 1:
             return None
-        n = next(a for a in n.args if isinstance(a, fx.Node))
+        n = rest[0]
     n = _strip(n)
     if not is_call(n, {torch.arange}):
         return None
@@ -367,15 +382,30 @@ def _is_arange(n: Any) -> Optional[int]:
     return None
 
 
+def _ascending_arange(n: Any) -> bool:
+    """arange(T), arange(a, b) or arange(a, b, step > 0)."""
+    if not is_call(n, {torch.arange}):
+        return False
+    step = _arg(n, 2, "step", 1)
+    return isinstance(step, (int, float)) and step > 0
+
+
 def _increasing(p: fx.Node) -> bool:
-    """Positions that are `arange(T) + offset`, or a graph input (the caller's positions,
-    increasing by the kernel's contract, as `generate` passes them)."""
+    """Positions that are an ascending `arange` plus a scalar offset, or a graph input
+    (the caller's positions, increasing by the kernel's contract, as `generate` passes
+    them)."""
     p = _strip(p)
     if p.op == "placeholder":
         return True
     if is_add(p):
-        return any(is_call(_strip(a), {torch.arange}) for a in p.args if isinstance(a, fx.Node))
-    return is_call(p, {torch.arange})
+        a, b = p.args
+        for r, offset in ((a, b), (b, a)):
+            scalar = _const(offset) is not None or isinstance(example(offset), torch.SymInt) or \
+                (shape_dtype(offset) is not None and shape_dtype(offset)[0] == ())
+            if scalar and _ascending_arange(_strip(r)):
+                return True
+        return False
+    return _ascending_arange(p)
 
 
 class _Mask:
@@ -390,7 +420,8 @@ class _Mask:
     def key_axis(self, n: Any, mask: fx.Node) -> bool:
         base = _unbroadcast(n)
         s = _is_arange(base)
-        if s is None or not _unit_except(n, (s,)) or shape_dtype(mask)[0][-1] != s or self.keys not in (None, s):
+        if s is None or not _unit_except(n, (s,)) or not same_dims(shape_dtype(mask)[0][-1], s) \
+                or self.keys not in (None, s):
             return False
         self.keys = s
         return True
@@ -401,7 +432,7 @@ class _Mask:
         if sd is None or len(sd[0]) != 1 or sd[1].is_floating_point or sd[1] == torch.bool:
             return False
         t = sd[0][0]
-        if not _unit_except(n, (t, 1)) or shape_dtype(mask)[0][-2] != t or self.pos not in (None, base):
+        if not _unit_except(n, (t, 1)) or not same_dims(shape_dtype(mask)[0][-2], t) or self.pos not in (None, base):
             return False
         self.pos = base
         return True
@@ -531,7 +562,7 @@ def _kv_source(view: GraphView, n: Any) -> tuple[Optional[fx.Node], Optional[int
                 or ex_sd is None or sd is None or len(ex_sd[0]) != 5:
             return None, None, n
         b, h, r, s, d = ex_sd[0]
-        if tuple(sd[0]) != (b, h * r, s, d):
+        if not all(isinstance(x, int) for x in (h, r)) or not same_dims(tuple(sd[0]), (b, h * r, s, d)):
             return None, None, n
         rep, n = r, _strip(src.args[0])
     return _cache(view, n), rep, n
@@ -571,6 +602,10 @@ def _key_of(kt: Any) -> Optional[fx.Node]:
     return None
 
 
+_NOT_CACHED = ("keys/values are not read from a static cache tensor (the cache is dynamic or absent, "
+               "or the attention runs over this call's keys only)")
+
+
 class AttentionPass(FusionPass):
     """SDPA or written-out attention over a static cache -> planlang::attention (see the
     module docstring for how a site is recognised)."""
@@ -597,18 +632,20 @@ class AttentionPass(FusionPass):
         kc, krep, kread = _kv_source(view, k)
         vc, vrep, _ = _kv_source(view, v)
         if kc is None or vc is None:
-            return "keys/values are not read from a static cache tensor (a dynamic cache or none)"
+            return _NOT_CACHED
         if krep != vrep or kc is vc:
             return "keys and values are read differently"
         q_sd, c_sd = shape_dtype(q), shape_dtype(kc)
         if q_sd is None or c_sd is None or len(q_sd[0]) != 4:
             return "q is not [B, H, T, D]"
         (b, hq, t, d), (bmax, hkv, s, dk) = q_sd[0], c_sd[0]
-        if dk != d or hq % hkv or (krep is not None and krep * hkv != hq) or b > bmax:
+        if not all(isinstance(x, int) for x in (hq, d, hkv, s, dk)):
+            return "symbolic head or cache sizes"
+        if dk != d or hq % hkv or (krep is not None and krep * hkv != hq) or (hint(b) or 0) > bmax:
             return "q does not fit the cache's shape"
         if q_sd[1] != c_sd[1] or shape_dtype(vc)[1] != c_sd[1]:
             return "q and the cache differ in dtype"
-        if (shape_dtype(kread) or ((None,),))[0][0] != b:
+        if not same_dims((shape_dtype(kread) or ((None,),))[0][0], b):
             return "the cache is not read at the batch's rows"
         mask = position_mask(mask_node)
         if isinstance(mask, str):
@@ -616,7 +653,7 @@ class AttentionPass(FusionPass):
         if mask.keys != s:
             return f"the mask covers {mask.keys} key slots, the cache {s}"
         psd = shape_dtype(mask.pos)
-        if psd is None or psd[0][0] != t:
+        if psd is None or not same_dims(psd[0][0], t):
             return "the mask's query positions do not match the queries"
         path = node_module(out) or ""
         return Site(self.kind, path, (path,),
@@ -626,6 +663,8 @@ class AttentionPass(FusionPass):
     def _sdpa(self, view: GraphView, n: fx.Node) -> Found:
         q, k, v = n.args[:3]
         mask = _arg(n, 3, "attn_mask")
+        if _kv_source(view, k)[0] is None:
+            return _NOT_CACHED
         if _const(_arg(n, 4, "dropout_p", 0.0)):
             return "dropout"
         if _arg(n, 5, "is_causal", False):

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from .graph import (LINEAR_TARGETS, MUL_METHODS, MUL_TARGETS, GraphView, adopt, erase_unused, evaluate, is_add, is_call,
-                    is_inplace, node_module, shape_dtype)
+                    hint, is_inplace, node_module, same_dims, shape_dtype)
 
 
 @dataclass
@@ -79,10 +79,17 @@ def _get_attr(view: GraphView, key: tuple, tensor: torch.Tensor, before: fx.Node
 
 
 class FusionPass:
+    """One fusion kind: `find` its sites in a graph (pure), `rewrite` one of them."""
+
     kind = ""
 
     def find(self, view: GraphView) -> list[Site]:
         raise NotImplementedError
+
+    def explain(self, view: GraphView) -> dict[str, str]:
+        """Near misses: module path -> why a computation there that looks like this kind's
+        site is not one (for the report of a rule that lost places). Empty by default."""
+        return {}
 
     def rewrite(self, view: GraphView, site: Site, weights: FusedWeights) -> str:
         """Replace the site in the graph; returns the kernel's name for the report."""
@@ -169,7 +176,7 @@ class RMSNormResidualPass(FusionPass):
         x, w = inputs[0], weights[0]
         w_tensor = view.param(w)[2]
         x_sd = shape_dtype(x)
-        if x_sd is None or w_tensor.dim() != 1 or not x_sd[0] or w_tensor.shape[0] != x_sd[0][-1]:
+        if x_sd is None or w_tensor.dim() != 1 or not x_sd[0] or not same_dims(w_tensor.shape[0], x_sd[0][-1]):
             return None
         eps, offset = self._constants(nodes, {w})
         if eps is None or not self._computes_rmsnorm(nodes, x, w, outputs[0], x_sd, w_tensor, eps, offset):
@@ -199,8 +206,8 @@ class RMSNormResidualPass(FusionPass):
     def _computes_rmsnorm(nodes, x, w, out, x_sd, w_tensor, eps, offset) -> bool:
         """Run the scope on random data and compare with the kernel's definition."""
         from ..kernels.rmsnorm_residual import rmsnorm_reference
-        shape, dtype = x_sd
-        if not all(isinstance(d, int) for d in shape) or not dtype.is_floating_point:
+        shape, dtype = [hint(d) for d in x_sd[0]], x_sd[1]  # symbolic sizes: their example values
+        if any(d is None for d in shape) or not dtype.is_floating_point:
             return False
         gen = torch.Generator(device="cpu").manual_seed(1234)
         device = w_tensor.device
@@ -223,7 +230,10 @@ class RMSNormResidualPass(FusionPass):
         if not is_add(x) or len(x.all_input_nodes) != 2 or any(not isinstance(a, fx.Node) for a in x.args[:2]):
             return False
         a, b = x.args[:2]
-        if not (shape_dtype(a) == shape_dtype(b) == shape_dtype(x) is not None):
+        sa, sb, sx = shape_dtype(a), shape_dtype(b), shape_dtype(x)
+        if sa is None or sb is None or sx is None or not (sa[1] == sb[1] == sx[1]):
+            return False
+        if not (same_dims(sa[0], sx[0]) and same_dims(sb[0], sx[0])):
             return False
         if is_inplace(x):
             order = {n: i for i, n in enumerate(view.graph.nodes)}
@@ -399,6 +409,19 @@ class QKVPass(FusionPass):
             n.replace_all_uses_with(o)
         erase_unused(g, nodes)
         return "qkv_linear"
+
+
+def explain_misses(views: list[GraphView], kind: str, selects) -> dict[str, str]:
+    """Over all captured graphs: module path -> why the `kind` pass found no site there,
+    for the paths `selects(path)` accepts and where no graph has a site."""
+    fusion = PASSES.get(kind) or _all_passes()[kind]
+    found = {s.path for v in views for s in fusion.find(v)}
+    out: dict[str, str] = {}
+    for view in views:
+        for path, why in fusion.explain(view).items():
+            if path not in found and selects(path):
+                out.setdefault(path, why)
+    return out
 
 
 def _all_passes() -> dict[str, FusionPass]:

@@ -4,7 +4,11 @@
 us FX graphs of the whole forward in which every node carries the module path it came
 from (`meta["nn_module_stack"]`) and parameters arrive as placeholders bound to the real
 tensors. `GraphView` answers the questions passes ask: which module a node belongs to,
-which parameter a placeholder is, which nodes a module's scope holds.
+which parameter (or caller-passed tensor, such as an external KV cache) a placeholder is,
+which nodes a module's scope holds. The helpers below read shapes and dtypes from the
+values Dynamo recorded, compare sizes without adding guards (graphs recompiled with
+symbolic sizes), and replay a candidate's nodes on random data (`evaluate`) so a pass can
+check a site numerically against its kernel's definition.
 """
 from __future__ import annotations
 
@@ -58,6 +62,26 @@ def shape_dtype(node: Any) -> Optional[tuple[tuple, torch.dtype]]:
     if isinstance(ev, torch.Tensor):
         return tuple(ev.shape), ev.dtype
     return None
+
+
+def same_dims(a: Any, b: Any) -> bool:
+    """Shape (or single dimension) equality that never adds a guard: symbolic sizes (a
+    graph Dynamo recompiled with dynamic shapes) compare by their expression."""
+    if isinstance(a, (tuple, list, torch.Size)) or isinstance(b, (tuple, list, torch.Size)):
+        if not isinstance(a, (tuple, list, torch.Size)) or not isinstance(b, (tuple, list, torch.Size)):
+            return False
+        return len(a) == len(b) and all(same_dims(x, y) for x, y in zip(a, b))
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return str(a) == str(b)
+
+
+def hint(d: Any) -> Optional[int]:
+    """A size as an int: itself, or the example value behind a symbolic size."""
+    if isinstance(d, int):
+        return d
+    value = getattr(getattr(d, "node", None), "hint", None)
+    return int(value) if value is not None else None
 
 
 def is_add(node: Any) -> bool:
@@ -205,7 +229,10 @@ def capture(model: torch.nn.Module, run: Callable[[Callable], Any]) -> list[Grap
 
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=record, dynamic=False)
-    with torch.no_grad():
+    # Float attributes (eps, soft-caps, offsets) must stay constants in the graph: Dynamo
+    # otherwise turns them into graph inputs once two modules of one class disagree on
+    # them, and a pass cannot bake an input into a fused kernel's arguments.
+    with torch.no_grad(), torch._dynamo.config.patch(specialize_float=True):
         run(compiled)
     torch._dynamo.reset()
     return graphs
