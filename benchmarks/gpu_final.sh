@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The session's closing GPU call: every GPU test, the attention/sampling kernel benchmark,
+# One GPU call: every GPU test, the attention/sampling kernel benchmark,
 # and `planlang bench` of the H100 decode plan on llama-1b (with the per-kernel profile).
 set -u
 OUT=${OUT:-/tmp/planlang_out}; mkdir -p "$OUT"

@@ -303,8 +303,6 @@ def cmd_bench(args) -> int:
             return run
         if "eager" in against:
             pre.append(("eager", time_ms(pf(model), device, reps=max(3, reps // 5), warmup=2)))
-        for loaded in plans:
-            pass
         if plans:
             pre.append((f"plan {plans[-1].plan.name}", time_ms(pf(planned), device, reps=max(3, reps // 5), warmup=2)))
         for name, ms in pre:

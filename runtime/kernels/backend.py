@@ -44,3 +44,13 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if not tensors:
         return False
     return triton_available(tensors[0].device)[0]
+
+
+def register_op(name: str, fn, fake, mutates_args=()):
+    """The torch.library custom op `planlang::<name>` over `fn`, with `fake` for shapes. A
+    module imported under a second name finds the op already there and reuses it."""
+    if hasattr(torch.ops.planlang, name):
+        return getattr(torch.ops.planlang, name).default
+    op = torch.library.custom_op(f"planlang::{name}", fn, mutates_args=mutates_args)
+    op.register_fake(fake)
+    return op

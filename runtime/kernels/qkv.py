@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import interpreter_on, use_triton
+from .backend import interpreter_on, use_triton, register_op
 
 try:  # the module must import without triton; then only the reference runs
     import triton
@@ -383,16 +383,6 @@ def qkv_linear(
 
 
 # ----------------------------------------------------------------------------- custom ops
-def _register(name: str, fn, fake, mutates_args=()):
-    """torch.library custom op `planlang::<name>` over `fn`, with `fake` for shapes. A
-    module imported under a second name finds the op already there and reuses it."""
-    if hasattr(torch.ops.planlang, name):
-        return getattr(torch.ops.planlang, name).default
-    op = torch.library.custom_op(f"planlang::{name}", fn, mutates_args=mutates_args)
-    op.register_fake(fake)
-    return op
-
-
 def _linear_op(x: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return linear(x, w, bias)
 
@@ -405,9 +395,9 @@ def _qkv_linear_op(x: Tensor, w_qkv: Tensor, bias: Optional[Tensor] = None) -> T
     return linear(x, w_qkv, bias)
 
 
-linear_op = _register("linear", _linear_op, _linear_fake)
+linear_op = register_op("linear", _linear_op, _linear_fake)
 # The fused projection [..., q + 2 kv]; callers split it with `split_qkv` (see `qkv_linear_op`).
-qkv_linear_fused_op = _register("qkv_linear", _qkv_linear_op, _linear_fake)
+qkv_linear_fused_op = register_op("qkv_linear", _qkv_linear_op, _linear_fake)
 
 
 def qkv_linear_op(

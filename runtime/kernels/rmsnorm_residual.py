@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import use_triton
+from .backend import use_triton, register_op
 
 try:  # the module must import without triton; then only the reference runs
     import triton
@@ -239,16 +239,6 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0) -> Tenso
 
 
 # ----------------------------------------------------------------------------- custom ops
-def _register(name: str, fn, fake, mutates_args=()):
-    """torch.library custom op `planlang::<name>` over `fn`, with `fake` for shapes. A
-    module imported under a second name finds the op already there and reuses it."""
-    if hasattr(torch.ops.planlang, name):
-        return getattr(torch.ops.planlang, name).default
-    op = torch.library.custom_op(f"planlang::{name}", fn, mutates_args=mutates_args)
-    op.register_fake(fake)
-    return op
-
-
 def _rmsnorm_residual_op(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float, offset: float = 0.0
 ) -> tuple[Tensor, Tensor]:
@@ -268,5 +258,5 @@ def _rmsnorm_fake(x, weight, eps, offset=0.0):
     return x.new_empty(x.shape)
 
 
-rmsnorm_residual_op = _register("rmsnorm_residual", _rmsnorm_residual_op, _rmsnorm_residual_fake)
-rmsnorm_op = _register("rmsnorm", _rmsnorm_op, _rmsnorm_fake)
+rmsnorm_residual_op = register_op("rmsnorm_residual", _rmsnorm_residual_op, _rmsnorm_residual_fake)
+rmsnorm_op = register_op("rmsnorm", _rmsnorm_op, _rmsnorm_fake)

@@ -28,7 +28,7 @@ implementation. Inference only.
 import torch
 from torch import Tensor
 
-from .backend import use_triton
+from .backend import use_triton, register_op
 
 try:  # the module must import without triton; then only the reference runs
     import triton
@@ -202,16 +202,6 @@ def rope_kvcache(
 
 
 # ----------------------------------------------------------------------------- custom op
-def _register(name: str, fn, fake, mutates_args=()):
-    """torch.library custom op `planlang::<name>` over `fn`, with `fake` for shapes. A
-    module imported under a second name finds the op already there and reuses it."""
-    if hasattr(torch.ops.planlang, name):
-        return getattr(torch.ops.planlang, name).default
-    op = torch.library.custom_op(f"planlang::{name}", fn, mutates_args=mutates_args)
-    op.register_fake(fake)
-    return op
-
-
 def _rope_kvcache_op(
     q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
     k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
@@ -223,5 +213,5 @@ def _rope_kvcache_fake(q, k, v, cos, sin, k_cache, v_cache, input_pos):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-rope_kvcache_op = _register("rope_kvcache", _rope_kvcache_op, _rope_kvcache_fake,
+rope_kvcache_op = register_op("rope_kvcache", _rope_kvcache_op, _rope_kvcache_fake,
                             mutates_args=("k_cache", "v_cache"))

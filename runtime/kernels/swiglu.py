@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import use_triton
+from .backend import use_triton, register_op
 from .qkv import (SKINNY_MAX_M, SKINNY_TUNED, GemvConfig, SkinnyConfig, dot_needs_upcast, gemv_config,
                   k_per_split, skinny_config)
 
@@ -331,16 +331,6 @@ def swiglu_linear(x: Tensor, w13: Tensor, act: str = "silu") -> Tensor:
 
 
 # ----------------------------------------------------------------------------- custom ops
-def _register(name: str, fn, fake, mutates_args=()):
-    """torch.library custom op `planlang::<name>` over `fn`, with `fake` for shapes. A
-    module imported under a second name finds the op already there and reuses it."""
-    if hasattr(torch.ops.planlang, name):
-        return getattr(torch.ops.planlang, name).default
-    op = torch.library.custom_op(f"planlang::{name}", fn, mutates_args=mutates_args)
-    op.register_fake(fake)
-    return op
-
-
 def _act_mul_op(gate_up: Tensor, act: str = "silu") -> Tensor:
     return act_mul(gate_up, act)
 
@@ -359,5 +349,5 @@ def _swiglu_linear_fake(x, w13, act="silu"):
     return x.new_empty((*x.shape[:-1], w13.shape[0] // 2))
 
 
-act_mul_op = _register("act_mul", _act_mul_op, _act_mul_fake)
-swiglu_linear_op = _register("swiglu_linear", _swiglu_linear_op, _swiglu_linear_fake)
+act_mul_op = register_op("act_mul", _act_mul_op, _act_mul_fake)
+swiglu_linear_op = register_op("swiglu_linear", _swiglu_linear_op, _swiglu_linear_fake)

@@ -358,7 +358,7 @@ def test_fake_implementations_give_the_real_shapes_and_dtypes():
 
 
 def test_registering_an_op_twice_reuses_the_first():
-    again = norm_mod._register("rmsnorm", norm_mod._rmsnorm_op, norm_mod._rmsnorm_fake)
+    again = norm_mod.register_op("rmsnorm", norm_mod._rmsnorm_op, norm_mod._rmsnorm_fake)
     assert again is torch.ops.planlang.rmsnorm.default
 
 
