@@ -87,8 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="PLAN")
     p.add_argument("--target")
     p.add_argument("--budget", type=float, default=5.0, metavar="MIN")
-    p.add_argument("--max-error", type=float)
-    p.add_argument("--min-agreement", type=float)
+    p.add_argument("--max-error", type=float, help="reject candidates whose relative logit error exceeds this")
+    p.add_argument("--min-agreement", type=float, help="reject candidates whose top-1 agreement falls below this")
+    p.add_argument("--space", metavar="FILE", help="a YAML file that narrows or widens the search space")
+    p.add_argument("--storage", metavar="DB", help="the trial records (SQLite; default .planlang/tune.db)")
+    p.add_argument("--batch", type=int, action="append", help="decode batch sizes to score (default: 1 and 16)")
+    p.add_argument("--context", type=int, default=128, help="decode context (tokens in the cache)")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-pickle", action="store_true")
+    _add_format(p)
+
+    p = sub.add_parser("train-step", help="one training step with and without the plan: peak memory and time")
+    p.add_argument("plan", metavar="PLAN")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="builtin:NAME, a .pt checkpoint, a HF folder")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3, help="steps timed (after one warm-up step)")
+    p.add_argument("--device")
+    p.add_argument("--trust-pickle", action="store_true")
     _add_format(p)
 
     p = sub.add_parser("export", help="write a built-in model as a planlang checkpoint (.pt)")
@@ -276,6 +293,7 @@ COMMANDS = {
     "lint": cmd_lint, "fmt": cmd_fmt, "explain": cmd_explain, "targets": cmd_targets, "detect": cmd_detect,
     "apply": _runtime_command("apply"), "bench": _runtime_command("bench"),
     "tune": _runtime_command("tune"), "export": _runtime_command("export"),
+    "train-step": _runtime_command("train-step"),
 }
 
 

@@ -311,6 +311,13 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
             report.rules.append(RuleReport("fusions", i, "sampling", "generate", ["generate"],
                                            "planlang::sample" if ok else "reference"))
     mode = effective_compile_mode(plan)
+    offload = None
+    if plan.memory.offload:
+        from .memory.offload import prepare_offload  # hooks installed before the trace sees the model
+        offload = prepare_offload(model, plan, device, report, source)
+    if plan.memory.recompute:
+        from .memory.recompute import apply_recompute
+        apply_recompute(model, plan, report, source)
     if training:
         forward = model.forward if mode == "none" else torch.compile(model, mode=mode)
         report.notes.append("training: fused kernels have no backward yet; the PyTorch reference runs")
@@ -334,8 +341,11 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         report.notes.append(f"compile mode {plan.compile.mode} runs as {mode}: planlang captures the graphs")
     if mode != "none":
         report.notes.append(f"compiled with Inductor, mode {mode}")
+    if offload is not None:
+        offload.arm()  # after fused weights exist, before graphs capture the copies
     forward = _capture_graphs(model, plan, forward, device, report)
     planned = PlannedModel(model, plan, report, forward, weights, sampling)
+    planned.offload = offload
     return planned
 
 

@@ -198,13 +198,6 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
-def _not_yet(name: str, issue: str):
-    def run(args) -> int:
-        return _usage(f"`planlang {name}` is not built yet in this version ({issue}); "
-                      "`planlang apply` reports timings of a planned model against the unplanned one")
-    return run
-
-
 def _split_plans_model(items: list[str]) -> tuple[list[str], Optional[str]]:
     """`bench PLAN... [MODEL]`: the last item is the model when it is not a plan file."""
     from planlang.loader import PLAN_SUFFIXES
@@ -428,9 +421,18 @@ def _plot(r: dict, path: str) -> None:
     fig.savefig(path)
 
 
+def _late(module: str, name: str):
+    """A command whose module is imported only when it runs (tune pulls in optuna)."""
+    def run(args) -> int:
+        import importlib
+        return getattr(importlib.import_module(f"planlang.runtime.{module}"), name)(args)
+    return run
+
+
 COMMANDS = {
     "apply": cmd_apply,
     "export": cmd_export,
     "bench": cmd_bench,
-    "tune": _not_yet("tune", "plan autotuning"),
+    "tune": _late("tune", "cmd_tune"),
+    "train-step": _late("train", "cmd_train_step"),
 }
