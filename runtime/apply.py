@@ -36,6 +36,7 @@ from .passes.linear import LinearPass  # noqa: E402
 
 PASSES["linear"] = LinearPass()
 from .passes.graph import GraphView, capture
+from .passes.precision import TORCH_DTYPES, PrecisionMap, PrecisionPass, check_device, rule_path
 
 PASS_ORDER = ("rmsnorm_residual", "swiglu", "qkv", "rope_kvcache", "attention", "linear")
 
@@ -67,6 +68,7 @@ class Report:
     rules: list[RuleReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     graphs: dict = field(default_factory=dict)
+    precision: dict = field(default_factory=dict)   # GEMM path -> {dtype, kernel}
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -193,6 +195,19 @@ def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kern
 
     def backend(gm, example_inputs):
         view = GraphView(gm, list(example_inputs), model)
+        _rewrite(view)
+        if weights.precision:
+            PrecisionPass().rewrite_graph(view, weights)
+        remove_dead_code(gm.graph)
+        gm.graph.lint()
+        gm.recompile()
+        if compile_mode == "none":
+            return gm.forward
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs, config_patches=list_mode_options(compile_mode))
+
+    def _rewrite(view):
         for kind in PASS_ORDER:
             if kind not in PASSES:
                 continue
@@ -207,14 +222,6 @@ def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kern
                         else:
                             kernels.setdefault(i, set()).add(done)
                             rewritten.setdefault(i, set()).add(site.path)
-        remove_dead_code(gm.graph)
-        gm.graph.lint()
-        gm.recompile()
-        if compile_mode == "none":
-            return gm.forward
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs, config_patches=list_mode_options(compile_mode))
     return backend
 
 
@@ -256,8 +263,12 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
                     backend="triton" if ok else f"PyTorch reference (no Triton for {device.type})")
 
     found, diags = resolve_rules(model, plan, source)
+    pmap = PrecisionMap(model, plan)
+    for i, msg, hint in check_device(pmap, device):
+        diags.append(at(source, rule_path(plan, i), "PL201", msg, hint=hint))
     if any(d.severity == "error" for d in diags):
         raise ApplyError(diags)
+    _cast_default(model, plan, report)
 
     if hasattr(model, "setup_caches"):
         mb = max_batch or plan.limits.max_batch or max(plan.graphs.buckets)
@@ -299,7 +310,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         raise ApplyError(diags)
     report.notes.extend(f"{d.severity}: {d.message}" for d in diags)
 
-    weights = FusedWeights()
+    weights = FusedWeights(pmap if pmap else None)
     kernels: dict[int, set] = {}
     skipped: dict[int, dict] = {}
     rewritten: dict[int, set] = {}
@@ -337,6 +348,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         lost = skipped.get(i, {})
         report.rules.append(RuleReport("fusions", i, rule.kind, rule.at, [p for p in names if p not in lost], kern,
                                        "; ".join(f"{p}: {why}" for p, why in sorted(lost.items()))))
+    _report_precision(plan, pmap, weights, report, training)
     if mode != plan.compile.mode:
         report.notes.append(f"compile mode {plan.compile.mode} runs as {mode}: planlang captures the graphs")
     if mode != "none":
@@ -347,6 +359,63 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
     planned = PlannedModel(model, plan, report, forward, weights, sampling)
     planned.offload = offload
     return planned
+
+
+def _cast_default(model: nn.Module, plan: Plan, report: Report) -> None:
+    """`precision.default`: the model's weights cast once (activations follow them)."""
+    default = plan.precision.default
+    if default is None:
+        return
+    if default == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        report.notes.append("precision: fp32 GEMMs run in tf32 (torch.backends.cuda.matmul.allow_tf32)")
+    dtype = TORCH_DTYPES[default]
+    have = next((p.dtype for p in model.parameters() if p.is_floating_point()), dtype)
+    if have != dtype:
+        model.to(dtype)
+        if hasattr(model, "setup_caches") and getattr(model, "max_batch", 0):
+            model.setup_caches(model.max_batch, model.max_seq_len)  # the caches follow the weights
+        report.notes.append(f"precision: weights cast from {str(have).removeprefix('torch.')} to {default}")
+
+
+# Op kinds that are not GEMMs, and what planlang does with a rule for them.
+_OP_NOTES = {
+    "norm": "planlang's norm kernels and the built-in models compute norms in fp32",
+    "softmax": "planlang's attention kernels compute softmax in fp32",
+    "qk": "no FP8 attention kernel yet: the score GEMM stays in the model's dtype",
+    "pv": "no FP8 attention kernel yet: the value GEMM stays in the model's dtype",
+    "kv_cache": "no FP8 KV cache yet: the cache stays in the model's dtype",
+    "embedding": "embeddings are gathered rows: they stay in the model's dtype",
+    "act": "activations compute in fp32 inside the fused kernels",
+    "matmul": "matmuls other than linears run as the model wrote them",
+    "attention": "attention runs in the model's dtype with fp32 softmax",
+}
+
+
+def _report_precision(plan: Plan, pmap: PrecisionMap, weights: FusedWeights, report: Report, training: bool) -> None:
+    """One report entry per precision rule: the GEMMs it won and the kernel that runs there;
+    for rules on other op kinds, what planlang does with them."""
+    if not pmap:
+        return
+    for i, rule in enumerate(pmap.rules):
+        where = rule_path(plan, i)
+        log = weights.precision_log.get(i, {})
+        op = Selector.parse(rule.at).op
+        note = ""
+        if training:
+            note = "training: the rule is checked, GEMMs run in the compute dtype (fused kernels have no backward)"
+        elif op in _OP_NOTES:
+            note = _OP_NOTES[op]
+        elif not log and rule.dtype in TORCH_DTYPES and TORCH_DTYPES[rule.dtype] == pmap.model_dtype:
+            note = f"the model already runs in {rule.dtype}"
+        elif not log:
+            note = "won no GEMM (a later rule took its places, or no fusion/linear pass ran there)"
+        kernels = sorted({k for _, k in log.values()})
+        report.rules.append(RuleReport(where[0] + ("." + where[1] if len(where) > 1 else ""), i,
+                                       rule.dtype, rule.at, sorted(log), ", ".join(kernels) or "none", note))
+    report.precision = {p: {"dtype": d, "kernel": k} for i in sorted(weights.precision_log)
+                        for p, (d, k) in weights.precision_log[i].items()}
 
 
 def _capture_graphs(model: nn.Module, plan: Plan, forward: Callable, device: torch.device, report: Report) -> Callable:

@@ -44,8 +44,27 @@ class FusedWeights:
     """Concatenated weights built once at apply time. The parts become views into the
     fused tensor, so the model holds no second copy and still runs unplanned."""
 
-    def __init__(self) -> None:
+    def __init__(self, precision=None) -> None:
         self.tensors: dict[tuple, torch.Tensor] = {}
+        self.part_rows: dict[tuple, list[int]] = {}   # fused key -> rows of each part
+        self.precision = precision        # a passes.precision.PrecisionMap, or None
+        self._prepared: dict[tuple, Any] = {}
+        self.precision_log: dict[int, dict[str, tuple[str, str]]] = {}  # rule -> path -> (dtype, kernel)
+
+    def prepared(self, key: tuple, tensor: torch.Tensor, spec) -> Any:
+        """`tensor` quantized or cast as precision `spec` says, made once per key (the
+        parts of a fused weight each on their own: see `precision.prepare_weight`)."""
+        k = (key, spec.numerics)
+        if k not in self._prepared:
+            from .precision import prepare_weight
+            self._prepared[k] = prepare_weight(tensor, spec, self.part_rows.get(key))
+        return self._prepared[k]
+
+    def gemm_precision(self, paths, dtype):
+        """(spec or None, None), or (None, why-skipped) when the parts of a fused GEMM disagree."""
+        if not self.precision:
+            return None, None
+        return self.precision.fused(list(paths), dtype)
 
     def concat(self, model: torch.nn.Module, key: tuple, params: list[tuple[str, str]]) -> torch.Tensor:
         if key in self.tensors:
@@ -53,6 +72,7 @@ class FusedWeights:
         mods = dict(model.named_modules())
         parts = [getattr(mods[m], n) for m, n in params]
         fused = torch.cat([p.detach() for p in parts], dim=0).contiguous()
+        self.part_rows[key] = [p.shape[0] for p in parts]
         offset = 0
         for (m, n), p in zip(params, parts):
             rows = p.shape[0]
@@ -343,14 +363,28 @@ class SwiGLUPass(FusionPass):
         g = view.graph
         gate, up = site.nodes["gate"], site.nodes["up"]
         wg, wu = view.linear_weight(gate), view.linear_weight(up)
+        spec, why = weights.gemm_precision(site.members, wg[1].dtype)
+        if why:
+            return why
         w13 = weights.concat(view.model, site.key, [(wg[0], "weight"), (wu[0], "weight")])
-        w_node = _get_attr(view, site.key, w13, site.nodes["mul"])
-        with g.inserting_before(site.nodes["mul"]):
-            out = g.call_function(torch.ops.planlang.swiglu_linear.default, (site.nodes["x"], w_node, site.info["act"]))
+        if spec is not None:
+            from .precision import emit_gemm, record
+            out = emit_gemm(view, site.nodes["mul"], site.nodes["x"], w13, None, site.key, spec, weights,
+                            lambda xc, wn, bc: g.call_function(torch.ops.planlang.swiglu_linear.default,
+                                                               (xc, wn, site.info["act"])),
+                            act=site.info["act"])
+            kernel = weights.prepared(site.key, w13, spec).kernel
+            record(weights, site.members, spec, kernel)
+        else:
+            w_node = _get_attr(view, site.key, w13, site.nodes["mul"])
+            with g.inserting_before(site.nodes["mul"]):
+                out = g.call_function(torch.ops.planlang.swiglu_linear.default,
+                                      (site.nodes["x"], w_node, site.info["act"]))
+            kernel = "swiglu_linear"
         adopt(out, site.nodes["mul"])
         site.nodes["mul"].replace_all_uses_with(out)
         erase_unused(g, [site.nodes["mul"], *site.nodes["act"], gate, up])
-        return "swiglu_linear"
+        return kernel if kernel == "swiglu_linear" else f"swiglu via {kernel}"
 
 
 class QKVPass(FusionPass):
@@ -390,15 +424,28 @@ class QKVPass(FusionPass):
         g = view.graph
         nodes = site.nodes["linears"]
         ws = [view.linear_weight(n) for n in nodes]
+        spec, why = weights.gemm_precision(site.members, ws[0][1].dtype)
+        if why:
+            return why
         w = weights.concat(view.model, site.key, [(p, "weight") for p, _, _ in ws])
         first = min(nodes, key=lambda n: list(g.nodes).index(n))
-        w_node = _get_attr(view, site.key, w, first)
         b_node = None
         if site.info["bias"]:
             b = weights.concat(view.model, site.key + ("bias",), [(p, "bias") for p, _, _ in ws])
             b_node = _get_attr(view, site.key + ("bias",), b, first)
+        kernel = "qkv_linear"
+        if spec is not None:
+            from .precision import emit_gemm, record
+            y = emit_gemm(view, first, site.nodes["x"], w, b_node, site.key, spec, weights,
+                          lambda xc, wn, bc: g.call_function(torch.ops.planlang.qkv_linear.default, (xc, wn, bc)))
+            kernel = weights.prepared(site.key, w, spec).kernel
+            record(weights, site.members, spec, kernel)
+            kernel = f"qkv via {kernel}"
+        else:
+            w_node = _get_attr(view, site.key, w, first)
+            with g.inserting_before(first):
+                y = g.call_function(torch.ops.planlang.qkv_linear.default, (site.nodes["x"], w_node, b_node))
         with g.inserting_before(first):
-            y = g.call_function(torch.ops.planlang.qkv_linear.default, (site.nodes["x"], w_node, b_node))
             parts = g.call_function(torch.split, (y, site.info["sizes"]), {"dim": -1})
             outs = [g.call_function(operator.getitem, (parts, i)) for i in range(len(nodes))]
         for n in (y, parts):
@@ -408,7 +455,7 @@ class QKVPass(FusionPass):
         for n, o in zip(nodes, outs):
             n.replace_all_uses_with(o)
         erase_unused(g, nodes)
-        return "qkv_linear"
+        return kernel
 
 
 def explain_misses(views: list[GraphView], kind: str, selects) -> dict[str, str]:

@@ -30,9 +30,20 @@ class LinearPass(FusionPass):
         n = site.nodes["linear"]
         args = list(n.args) + [None] * (3 - len(n.args))
         x, w, b = args[0], n.kwargs.get("weight", args[1]), n.kwargs.get("bias", args[2])
-        with view.graph.inserting_before(n):
-            new = view.graph.call_function(torch.ops.planlang.linear.default, (x, w, b))
+        weight = view.linear_weight(n)[1]
+        spec, _ = weights.gemm_precision([site.path], weight.dtype)
+        kernel = "linear"
+        if spec is not None:
+            from .precision import emit_gemm, record
+            key = ("linear", site.path)
+            new = emit_gemm(view, n, x, weight, b, key, spec, weights,
+                            lambda xc, wn, bc: view.graph.call_function(torch.ops.planlang.linear.default, (xc, wn, bc)))
+            kernel = weights.prepared(key, weight, spec).kernel
+            record(weights, [site.path], spec, kernel)
+        else:
+            with view.graph.inserting_before(n):
+                new = view.graph.call_function(torch.ops.planlang.linear.default, (x, w, b))
         new.meta["nn_module_stack"] = n.meta.get("nn_module_stack")
         n.replace_all_uses_with(new)
         view.graph.erase_node(n)
-        return "linear"
+        return kernel

@@ -1,0 +1,297 @@
+"""The `precision` section applied to a model: which dtype each GEMM and op runs in.
+
+Rules (the preset's first, then the plan's own) are resolved once against the model's
+module names; for an operation at module path P of op kind K (spec §3: `linear`,
+`lm_head`, `norm`, `qk`, ...) the LAST rule whose selector covers P and whose op suffix is
+K or absent wins. A GEMM's precision is a `GemmPrecision`; the graph passes ask
+`PrecisionMap.gemm(paths)` when they rewrite a linear, a fused QKV or a fused gate/up GEMM:
+
+- no rule, or the weight's own dtype: nothing changes;
+- another base dtype (fp32, tf32, fp16, bf16): the weight is cast once at apply time and
+  the input and output are cast at the op boundary;
+- `fp8_e4m3` / `fp8_e5m2`: the weight is quantized once (tensor, channel or block scales,
+  `runtime/precision/formats.py`) and the op becomes `planlang::fp8_linear` (weight-only:
+  `activations: keep`) or `planlang::fp8_linear_dynamic` (activations scaled per token,
+  per tensor or per block at every call);
+- `emulate: true`, and the MX/NVFP4 formats on a device without their GEMMs: the weight is
+  quantized and dequantized once (kept in FP32) and the input quantize-dequantized at the
+  op boundary (`per_block`), then one FP32 GEMM: the numbers of the format, not its speed.
+
+The parts of a fused GEMM must agree; where they do not, the fusion is not made at that
+site (the pass reports it skipped, with both rules).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from planlang import names
+from planlang.plan import Plan, PrecisionRule
+from planlang.selectors import Selector, resolve
+
+TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GEMM_OPS = ("linear", "lm_head")
+
+
+@dataclass(frozen=True)
+class GemmPrecision:
+    """How one GEMM computes: the rule that won there, in effective terms."""
+
+    dtype: str
+    scaling: Optional[str]
+    block_size: Optional[int]
+    activations: str
+    emulate: bool
+    rule: int          # index into Plan.precision_rules() (the preset's rules first)
+    at: str            # the winning rule's selector, for messages
+
+    @classmethod
+    def of(cls, index: int, rule: PrecisionRule) -> "GemmPrecision":
+        return cls(rule.dtype, rule.effective_scaling(), rule.effective_block_size(),
+                   rule.effective_activations(), rule.emulate, index, rule.at)
+
+    @property
+    def numerics(self) -> tuple:
+        """What must agree between the parts of a fused GEMM."""
+        return (self.dtype, self.scaling, self.block_size, self.activations, self.emulate)
+
+    @property
+    def fp8(self) -> bool:
+        return self.dtype in names.FP8_DTYPES
+
+    @property
+    def block_format(self) -> bool:
+        return self.dtype in names.BLOCK_DTYPES
+
+    def describe(self) -> str:
+        if self.dtype in TORCH_DTYPES:
+            return self.dtype
+        parts = [self.dtype]
+        if self.fp8:
+            parts.append(f"{self.scaling} scales" + (f" of {self.block_size}" if self.scaling == "block" else ""))
+            parts.append("weight-only" if self.activations == "keep" else f"activations {self.activations}")
+        elif self.activations != "keep":
+            parts.append(f"activations {self.activations}")
+        if self.emulate:
+            parts.append("emulated")
+        return ", ".join(parts)
+
+
+def _ancestors_and_self(path: str) -> list[str]:
+    parts = path.split(".") if path else []
+    return [""] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def lm_head_paths(model: nn.Module) -> set[str]:
+    """The module(s) computing the logits: the HF output embedding, else the linears whose
+    output width is the vocabulary."""
+    out = set()
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    vocab = None
+    config = getattr(model, "config", None)
+    if config is not None:
+        vocab = config.get("vocab_size") if isinstance(config, dict) else getattr(config, "vocab_size", None)
+    for name, m in model.named_modules():
+        if m is head and head is not None:
+            out.add(name)
+        elif isinstance(m, nn.Linear) and vocab is not None and m.out_features == vocab:
+            out.add(name)
+    return out
+
+
+class PrecisionMap:
+    """The plan's precision rules resolved against one model."""
+
+    def __init__(self, model: nn.Module, plan: Plan):
+        self.plan = plan
+        self.rules = plan.precision_rules()
+        module_names = [n for n, _ in model.named_modules()]
+        self._named = [set(resolve(Selector.parse(r.at), module_names)) for r in self.rules]
+        self._ops = [Selector.parse(r.at).op for r in self.rules]
+        self.lm_heads = lm_head_paths(model)
+        self.model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def rule_for(self, path: str, op: str) -> Optional[tuple[int, PrecisionRule]]:
+        """The winning rule for operation kind `op` at module `path` (last match wins)."""
+        covering = _ancestors_and_self(path)
+        for i in range(len(self.rules) - 1, -1, -1):
+            if self._ops[i] not in (None, op):
+                continue
+            if any(p in self._named[i] for p in covering):
+                return i, self.rules[i]
+        return None
+
+    def op_kind(self, path: str) -> str:
+        return "lm_head" if path in self.lm_heads else "linear"
+
+    def gemm(self, path: str, weight_dtype: Optional[torch.dtype] = None) -> Optional[GemmPrecision]:
+        """The precision of the GEMM at `path`; None where it runs as the model wrote it."""
+        hit = self.rule_for(path, self.op_kind(path))
+        if hit is None:
+            return None
+        spec = GemmPrecision.of(*hit)
+        if spec.dtype in TORCH_DTYPES and spec.dtype != "tf32" and \
+                TORCH_DTYPES[spec.dtype] == (weight_dtype or self.model_dtype):
+            return None
+        return spec
+
+    def fused(self, paths: Sequence[str], weight_dtype: Optional[torch.dtype] = None):
+        """(precision, None) for the parts of one fused GEMM, or (None, why) when they disagree."""
+        specs = [self.gemm(p, weight_dtype) for p in paths]
+        keys = {s.numerics if s is not None else None for s in specs}
+        if len(keys) > 1:
+            shown = ", ".join(f"{p}: {s.describe() if s else 'as written'}" for p, s in zip(paths, specs))
+            return None, f"skipped: its parts run in different precisions ({shown})"
+        return specs[0], None
+
+
+# ----------------------------------------------------------------------------- weights
+
+@dataclass
+class PreparedWeight:
+    """A GEMM weight as the plan's precision stores it (made once, at apply time)."""
+
+    data: torch.Tensor                 # fp8 codes, a cast copy, or the fp32 dequantized weight
+    scale: Optional[torch.Tensor]      # fp8 scales (tensor [1], channel [N], block [N, K/b]); else None
+    kernel: str                        # what will run, for the report
+
+
+def prepare_weight(w: torch.Tensor, spec: GemmPrecision, parts: Optional[Sequence[int]] = None) -> PreparedWeight:
+    """Quantize, cast or fake-quantize `w` ([N, K], nn.Linear layout) as `spec` says.
+
+    `parts`: the row counts of the linears a fused weight concatenates. Each part is
+    quantized on its own, as the rule says for each linear, so a per-tensor scale (FP8
+    `tensor`, NVFP4's FP32 scale) is the part's, never the fused tensor's; an FP8 tensor
+    scale is then stored as a per-row vector, which the kernels read as channel scales."""
+    from ..precision import formats
+    w = w.detach()
+    parts = list(parts) if parts else [w.shape[0]]
+    if spec.dtype in TORCH_DTYPES:
+        return PreparedWeight(w.to(TORCH_DTYPES[spec.dtype]).contiguous(), None, f"{spec.dtype} GEMM")
+    if spec.fp8 and not spec.emulate:
+        datas, scales = [], []
+        for piece in w.split(parts, dim=0):
+            q = formats.quantize_fp8(piece, dtype=spec.dtype, scaling=spec.scaling, block_size=spec.block_size or 128)
+            datas.append(q.data)
+            scales.append(q.scale.float().expand(piece.shape[0]) if spec.scaling == "tensor" else q.scale.float())
+        scale = scales[0] if len(parts) == 1 else torch.cat(scales, dim=0)
+        kind = "fp8_linear" if spec.activations == "keep" else "fp8_linear_dynamic"
+        return PreparedWeight(torch.cat(datas, dim=0).contiguous(), scale.contiguous(), kind)
+    fq = torch.cat([formats.fake_quantize(piece.float(), spec.dtype, scaling=spec.scaling, block_size=spec.block_size)
+                    for piece in w.split(parts, dim=0)], dim=0)
+    return PreparedWeight(fq.contiguous(), None, "emulated_linear")
+
+
+def check_device(pmap: PrecisionMap, device: torch.device) -> list[tuple[int, str, str]]:
+    """(rule index, message, hint) for each rule the device cannot run: the capability
+    model's gates, checked again at apply time against the device present."""
+    if device.type != "cuda":
+        return []
+    major, minor = torch.cuda.get_device_capability(device)
+    sm = major * 10 + minor
+    out = []
+    emulate = "or add emulate: true to study the format's accuracy as quantize-dequantize"
+    for i, rule in enumerate(pmap.rules):
+        if rule.emulate:
+            continue
+        if rule.dtype in names.FP8_DTYPES and sm < 89:
+            out.append((i, f"{rule.dtype} needs sm_89+ (Ada, Hopper); this device is sm_{sm}",
+                        f"use bf16 on this device, {emulate}"))
+        elif rule.dtype in names.BLOCK_DTYPES and sm < 100:
+            out.append((i, f"{rule.dtype} needs sm_100+ (Blackwell); this device is sm_{sm}",
+                        f"use fp8_e4m3 (sm_89+) here, {emulate}"))
+        elif rule.dtype in names.BLOCK_DTYPES:
+            out.append((i, f"planlang has no native {rule.dtype} GEMM yet (sm_{sm})", emulate))
+    return out
+
+
+def rule_path(plan: Plan, index: int) -> tuple:
+    """Where rule `index` of `Plan.precision_rules()` is written (a preset's rules: the preset)."""
+    n_preset = len(plan.precision_rules()) - len(plan.precision.rules)
+    return ("precision", "preset") if index < n_preset else ("precision", "rules", index - n_preset)
+
+
+# ----------------------------------------------------------------------------- the graph
+
+def emit_gemm(view, before, x, w: torch.Tensor, bias, key: tuple, spec: GemmPrecision, weights,
+              as_written, act: Optional[str] = None):
+    """Insert, before node `before`, the GEMM `x @ w.T (+ bias)` (with `act`-mul for a fused
+    gate/up weight) in the precision `spec` says; returns the node of its output.
+
+    `as_written(x_node, w_node, b_node)` inserts the op the graph would run without a
+    precision rule (for base-dtype casts, which keep the kernel and change the dtype)."""
+    from ..kernels import emulated  # noqa: F401  (registers planlang::emulated_linear)
+    from .fusions import _get_attr
+    from .graph import shape_dtype
+    g = view.graph
+    if spec.fp8 and not spec.emulate:
+        from ..kernels import fp8_linear  # noqa: F401  (registers planlang::fp8_linear*)
+    prepared = weights.prepared(key, w, spec)
+    w_node = _get_attr(view, key + ("w",) + spec.numerics, prepared.data, before)
+    if spec.dtype in TORCH_DTYPES:
+        dt = TORCH_DTYPES[spec.dtype]
+        sd = shape_dtype(x)
+        x_dtype = sd[1] if sd is not None else weights.precision.model_dtype
+        with g.inserting_before(before):
+            xc = g.call_method("to", (x, dt))
+            bc = g.call_method("to", (bias, dt)) if bias is not None else None
+        with g.inserting_before(before):
+            y = as_written(xc, w_node, bc)
+            return g.call_method("to", (y, x_dtype))
+    with g.inserting_before(before):
+        if prepared.kernel in ("fp8_linear", "fp8_linear_dynamic"):
+            s_node = _get_attr(view, key + ("scale",) + spec.numerics, prepared.scale, before)
+        if prepared.kernel == "fp8_linear":
+            return g.call_function(torch.ops.planlang.fp8_linear.default,
+                                   (x, w_node, s_node, bias, spec.block_size or 0, act))
+        if prepared.kernel == "fp8_linear_dynamic":
+            return g.call_function(torch.ops.planlang.fp8_linear_dynamic.default,
+                                   (x, w_node, s_node, bias, spec.activations, spec.block_size or 0, act))
+        fmt = spec.dtype if spec.activations != "keep" else ""
+        return g.call_function(torch.ops.planlang.emulated_linear.default,
+                               (x, w_node, bias, fmt, spec.activations, spec.block_size or 0, act))
+
+
+def record(weights, paths: Sequence[str], spec: GemmPrecision, kernel: str) -> None:
+    """Note, for the report, that the GEMM of `paths` runs as `spec` says with `kernel`."""
+    weights.precision_log.setdefault(spec.rule, {})
+    for p in paths:
+        weights.precision_log[spec.rule][p] = (spec.describe(), kernel)
+
+
+class PrecisionPass:
+    """Linears no fusion took (the plan has no `linear` fusion, or a rule narrowed it):
+    each with a precision rule becomes the op its rule says."""
+
+    kind = "precision"
+
+    def rewrite_graph(self, view, weights) -> int:
+        from .graph import LINEAR_TARGETS, adopt, erase_unused, is_call, node_module
+        done = 0
+        for n in list(view.graph.nodes):
+            if not is_call(n, LINEAR_TARGETS):
+                continue
+            w = view.linear_weight(n)
+            if w is None or w[1].dim() != 2:
+                continue
+            path = node_module(n) or w[0]
+            spec = weights.precision.gemm(path, w[1].dtype)
+            if spec is None:
+                continue
+            args = list(n.args) + [None] * (3 - len(n.args))
+            x, b = args[0], n.kwargs.get("bias", args[2])
+            out = emit_gemm(view, n, x, w[1], b, ("linear", path), spec, weights,
+                            lambda xc, wn, bc: view.graph.call_function(torch.nn.functional.linear, (xc, wn, bc)))
+            adopt(out, n)
+            n.replace_all_uses_with(out)
+            erase_unused(view.graph, [n])
+            record(weights, [path], spec, weights.prepared(("linear", path), w[1], spec).kernel)
+            done += 1
+        return done

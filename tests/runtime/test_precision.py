@@ -1,0 +1,187 @@
+"""The precision section applied: rule resolution, weights prepared once, the op each GEMM
+becomes, and the numbers it computes (each path against its quantize-dequantize
+emulation in float32)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from planlang.plan import Plan
+from planlang.runtime.apply import ApplyError, apply
+from planlang.runtime.models.registry import build_builtin
+from planlang.runtime.passes.precision import GemmPrecision, PrecisionMap, check_device, lm_head_paths
+from planlang.runtime.precision.formats import fake_quantize
+
+FUSIONS = [{"kind": "qkv", "at": "**"}, {"kind": "swiglu", "at": "**"},
+           {"kind": "linear", "at": "**", "required": False}]
+
+
+def _plan(rules=None, preset=None, fusions=FUSIONS, **precision) -> Plan:
+    prec = dict(precision)
+    if rules is not None:
+        prec["rules"] = rules
+    if preset is not None:
+        prec["preset"] = preset
+    return Plan.model_validate({"planlang": 1, "target": "cpu", "fusions": fusions, "precision": prec,
+                                "limits": {"max_batch": 2, "max_seq_len": 64}})
+
+
+def _model(dtype=torch.float32):
+    m = build_builtin("llama-tiny", dtype=dtype)
+    m.setup_caches(2, 64)
+    return m
+
+
+def _tokens(seed=0, n=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (2, n), generator=g)
+
+
+def _run(m, ids):
+    return m(ids, torch.arange(ids.shape[1])).float()
+
+
+def _fake_model(m, wanted, **kw):
+    """A copy of `m` whose linears named by `wanted(path)` hold fake-quantized weights."""
+    m2 = copy.deepcopy(m)
+    m2.lm_head.weight = torch.nn.Parameter(m2.embed.weight.detach().clone())  # untie: the head keeps bf16
+    for name, mod in m2.named_modules():
+        if isinstance(mod, torch.nn.Linear) and wanted(name):
+            mod.weight.data = fake_quantize(mod.weight.data.float(), **kw).to(mod.weight.dtype)
+    return m2
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ----------------------------------------------------------------------------- resolution
+
+def test_last_rule_wins_and_linear_excludes_the_lm_head():
+    m = _model()
+    pmap = PrecisionMap(m, _plan([{"at": "**:linear", "dtype": "fp8_e4m3"},
+                                  {"at": "layers.1.mlp", "dtype": "fp8_e5m2", "scaling": "tensor"},
+                                  {"at": "**:lm_head", "dtype": "bf16"}]))
+    assert lm_head_paths(m) == {"lm_head"}
+    assert pmap.gemm("layers.0.attn.wq").dtype == "fp8_e4m3"
+    assert pmap.gemm("layers.1.mlp.w2").dtype == "fp8_e5m2"
+    assert pmap.gemm("layers.1.mlp.w2").scaling == "tensor"
+    assert pmap.gemm("lm_head").dtype == "bf16"
+    assert pmap.gemm("layers.0.attn.wq").scaling == "channel"  # the spec's default for fp8
+
+
+def test_a_preset_expands_before_the_plans_own_rules():
+    pmap = PrecisionMap(_model(), _plan([{"at": "layers.0.attn:linear", "dtype": "fp32"}], preset="fp8_weight_only"))
+    assert pmap.gemm("layers.1.attn.wq").dtype == "fp8_e4m3"
+    assert pmap.gemm("layers.0.attn.wq") is None   # fp32 on an fp32 model: nothing to do
+    assert pmap.gemm("lm_head") is None            # the preset leaves the LM head
+
+
+def test_a_rule_in_the_models_own_dtype_changes_nothing():
+    pmap = PrecisionMap(_model(torch.bfloat16), _plan([{"at": "**", "dtype": "bf16"}]))
+    assert pmap.gemm("layers.0.attn.wq") is None
+
+
+def test_the_device_gates_fp8_and_block_formats_at_apply_time(monkeypatch):
+    pmap = PrecisionMap(_model(), _plan([{"at": "**:linear", "dtype": "fp8_e4m3"},
+                                         {"at": "layers.0:linear", "dtype": "nvfp4"},
+                                         {"at": "layers.1:linear", "dtype": "mxfp4", "emulate": True}]))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    msgs = check_device(pmap, torch.device("cuda"))
+    assert [(i, "sm_89+" in m or "sm_100+" in m) for i, m, _ in msgs] == [(0, True), (1, True)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert [i for i, _, _ in check_device(pmap, torch.device("cuda"))] == [1]  # nvfp4 on sm_90; emulate passes
+    assert check_device(pmap, torch.device("cpu")) == []
+
+
+# ----------------------------------------------------------------------------- numerics
+
+@pytest.mark.parametrize("dtype,kw", [
+    ("fp8_e4m3", {"scaling": "channel"}),
+    ("fp8_e5m2", {"scaling": "block", "block_size": 32}),
+    ("nvfp4", {}),
+    ("mxfp4", {}),
+])
+def test_emulated_weights_compute_the_formats_numbers(dtype, kw):
+    m = _model()
+    ids = _tokens()
+    rule = {"at": "**:linear", "dtype": dtype, "emulate": True, **kw}
+    want = _run(_fake_model(m, lambda p: p != "lm_head", dtype=dtype, **kw), ids)
+    planned = apply(m, _plan([rule]))
+    got = _run(planned, ids)
+    assert rel(got, want) < 1e-5
+    assert rel(got, _run(m, ids)) > 1e-4  # the format did change the numbers
+    gemms = planned.report.precision
+    assert gemms["layers.0.attn.wq"]["kernel"] == "emulated_linear" and "lm_head" not in gemms
+
+
+def test_emulated_activations_are_quantized_at_the_op_boundary():
+    m = _model()
+    ids = _tokens(1)
+    planned = apply(m, _plan([{"at": "layers.0.mlp.w2", "dtype": "nvfp4", "emulate": True,
+                               "activations": "per_block"}], fusions=[]))
+    ref = copy.deepcopy(m)
+    w = fake_quantize(m.layers[0].mlp.w2.weight.float(), "nvfp4")
+    ref.layers[0].mlp.w2.forward = lambda x: fake_quantize(x.float(), "nvfp4") @ w.t()
+    want = _run(ref, ids)
+    got = _run(planned, ids)
+    assert rel(got, want) < 1e-5
+
+
+def test_a_base_dtype_rule_casts_the_weight_once_and_the_input_at_the_boundary():
+    m = _model()
+    ids = _tokens(2)
+    planned = apply(m, _plan([{"at": "layers.0.mlp:linear", "dtype": "bf16"}]))
+    ref = copy.deepcopy(m)
+    for name in ("w1", "w2", "w3"):
+        lin = getattr(ref.layers[0].mlp, name)
+        lin.weight.data = lin.weight.data.bfloat16().float()
+        orig = lin.forward
+        lin.forward = (lambda o: lambda x: o(x.bfloat16().float()).bfloat16().float())(orig)
+    got, want = _run(planned, ids), _run(ref, ids)
+    assert rel(got, want) < 2e-2
+    assert planned.report.precision["layers.0.mlp.w1"]["dtype"] == "bf16"
+
+
+def test_a_fused_gemm_whose_parts_disagree_is_not_fused_and_says_why():
+    m = _model()
+    planned = apply(m, _plan([{"at": "layers.0.attn.wq", "dtype": "fp8_e4m3", "emulate": True}]))
+    qkv = next(r for r in planned.report.rules if r.what == "qkv")
+    assert "layers.0.attn" not in qkv.places and "layers.1.attn" in qkv.places
+    assert "different precisions" in qkv.note and "layers.0.attn.wq: fp8_e4m3" in qkv.note
+    assert planned.report.precision["layers.0.attn.wq"]["kernel"] == "emulated_linear"
+
+
+def test_fp8_weights_run_the_fp8_kernels_and_equal_their_emulation():
+    pytest.importorskip("planlang.runtime.kernels.fp8_linear")
+    m = _model(torch.bfloat16)
+    ids = _tokens(3, n=4)
+    emulated = apply(copy.deepcopy(m), _plan([{"at": "**:linear", "dtype": "fp8_e4m3", "emulate": True}]))
+    want = _run(emulated, ids)
+    planned = apply(m, _plan([{"at": "**:linear", "dtype": "fp8_e4m3"}]))
+    got = _run(planned, ids)
+    assert rel(got, want) < 2e-2  # bf16 activations between the GEMMs; one rounding apart
+    kernels = {v["kernel"] for v in planned.report.precision.values()}
+    assert kernels == {"fp8_linear"}
+
+
+def test_the_report_names_rules_for_ops_that_stay_as_they_are():
+    planned = apply(_model(), _plan([{"at": "**:kv_cache", "dtype": "fp8_e4m3", "emulate": True},
+                                     {"at": "**:norm", "dtype": "fp32"}]))
+    notes = {r.at: r.note for r in planned.report.rules if r.section.startswith("precision")}
+    assert "KV cache" in notes["**:kv_cache"] and "fp32" in notes["**:norm"]
+
+
+def test_default_casts_the_model_once():
+    m = _model()
+    planned = apply(m, _plan([], default="bf16"))
+    assert m.layers[0].attn.wq.weight.dtype == torch.bfloat16
+    assert any("cast from float32 to bf16" in n for n in planned.report.notes)
+    out = planned(_tokens(4), torch.arange(12))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_gemm_precision_describes_itself():
+    spec = GemmPrecision("fp8_e4m3", "block", 128, "per_token", False, 0, "**")
+    assert spec.describe() == "fp8_e4m3, block scales of 128, activations per_token"
