@@ -36,7 +36,7 @@ from .passes.linear import LinearPass  # noqa: E402
 
 PASSES["linear"] = LinearPass()
 from .passes.graph import GraphView, capture
-from .passes.precision import TORCH_DTYPES, PrecisionMap, PrecisionPass, check_device, rule_path
+from .passes.precision import TORCH_DTYPES, PrecisionMap, PrecisionPass, check_device, gemm_errors, rule_path
 
 PASS_ORDER = ("rmsnorm_residual", "swiglu", "qkv", "rope_kvcache", "attention", "linear")
 
@@ -58,6 +58,7 @@ class RuleReport:
     places: list[str] = field(default_factory=list)
     kernel: str = ""
     note: str = ""
+    error: Optional[dict] = None  # precision rules: relative error of the GEMM outputs they change
 
 
 @dataclass
@@ -288,6 +289,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         run = lambda m: m(*args)  # noqa: E731
 
+    errors = gemm_errors(model, pmap, run) if pmap and plan.mode != "training" else {}
     # eps and offsets must stay constants in the graph, or recompiled graphs lose the norms.
     torch._dynamo.config.specialize_float = True
     views = capture(model, run)
@@ -348,7 +350,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         lost = skipped.get(i, {})
         report.rules.append(RuleReport("fusions", i, rule.kind, rule.at, [p for p in names if p not in lost], kern,
                                        "; ".join(f"{p}: {why}" for p, why in sorted(lost.items()))))
-    _report_precision(plan, pmap, weights, report, training)
+    _report_precision(plan, pmap, weights, report, training, errors)
     if mode != plan.compile.mode:
         report.notes.append(f"compile mode {plan.compile.mode} runs as {mode}: planlang captures the graphs")
     if mode != "none":
@@ -393,7 +395,8 @@ _OP_NOTES = {
 }
 
 
-def _report_precision(plan: Plan, pmap: PrecisionMap, weights: FusedWeights, report: Report, training: bool) -> None:
+def _report_precision(plan: Plan, pmap: PrecisionMap, weights: FusedWeights, report: Report, training: bool,
+                      errors: dict) -> None:
     """One report entry per precision rule: the GEMMs it won and the kernel that runs there;
     for rules on other op kinds, what planlang does with them."""
     if not pmap:
@@ -413,7 +416,8 @@ def _report_precision(plan: Plan, pmap: PrecisionMap, weights: FusedWeights, rep
             note = "won no GEMM (a later rule took its places, or no fusion/linear pass ran there)"
         kernels = sorted({k for _, k in log.values()})
         report.rules.append(RuleReport(where[0] + ("." + where[1] if len(where) > 1 else ""), i,
-                                       rule.dtype, rule.at, sorted(log), ", ".join(kernels) or "none", note))
+                                       rule.dtype, rule.at, sorted(log), ", ".join(kernels) or "none", note,
+                                       errors.get(i)))
     report.precision = {p: {"dtype": d, "kernel": k} for i in sorted(weights.precision_log)
                         for p, (d, k) in weights.precision_log[i].items()}
 

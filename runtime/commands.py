@@ -221,9 +221,14 @@ def cmd_bench(args) -> int:
         plans.append(loaded)
     device = _device(args.device)
     against = [a.strip() for a in args.against.split(",") if a.strip()]
-    unknown = [a for a in against if a not in ("eager", "compile")]
+    unknown = [a for a in against if a not in BASELINES]
     if unknown:
-        return _usage(f"--against takes eager and/or compile, not {', '.join(unknown)}")
+        return _usage(f"--against takes {', '.join(BASELINES)}, not {', '.join(unknown)}")
+    if any(a.startswith("torchao") for a in against):
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            return _usage("--against torchao-*: torchao is not installed (pip install torchao)")
     try:
         lm = load_model(model_spec, trust_pickle=args.trust_pickle, device=device)
     except ModelLoadError as exc:
@@ -263,6 +268,15 @@ def cmd_bench(args) -> int:
         torch._dynamo.reset()
         compiled = torch.compile(model, mode="reduce-overhead", dynamic=False)
         decode_rows("compile(reduce-overhead)", compiled, model)
+    for name in (a for a in against if a.startswith("torchao")):
+        torch._dynamo.reset()
+        peer = torchao_fp8(model, weight_only=name.endswith("-wo"))
+        compiled = torch.compile(peer, mode="reduce-overhead", dynamic=False)
+        decode_rows(f"{name}+compile(reduce-overhead)", compiled, peer)
+        del peer, compiled
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     for loaded in plans:
         plan = loaded.plan
         torch._dynamo.reset()
@@ -281,6 +295,11 @@ def cmd_bench(args) -> int:
         pred = (lambda b, kinds=kinds, wb=wb, graphs=graphs: predict_decode(
             cfg, kinds, wb, b, context, bw, tf, launch_us, graphs).ms)
         decode_rows(f"plan {plan.name}", planned, planned, pred)
+        saved = low_precision_saving(model, planned.report.precision)
+        if saved:
+            for r in rows:
+                if r.contender == f"plan {plan.name}":
+                    r.extra["plan_floor_ms"] = (step_bytes(model, r.batch, context) - saved) / (bw * 1e9) * 1e3
         notes.extend(f"{plan.name}: {n}" for n in planned.report.notes)
         if args.profile:
             profiles[plan.name] = profile_step(decode_step(planned, buckets[0], context, cfg.vocab_size, device), device)
@@ -311,6 +330,35 @@ def cmd_bench(args) -> int:
     if args.plot:
         _plot(result, args.plot)
     return EXIT_OK
+
+
+BASELINES = ("eager", "compile", "torchao-fp8", "torchao-fp8-wo")
+
+
+def torchao_fp8(model, weight_only: bool):
+    """The peer a PyTorch user picks for FP8: torchao on a copy of the model, every linear
+    but the LM head, row-wise dynamic activations + FP8 weights (or FP8 weights only)."""
+    import copy
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow,
+                                      quantize_)
+    from .passes.precision import lm_head_paths
+    peer = copy.deepcopy(model)
+    heads = lm_head_paths(peer)
+    config = Float8WeightOnlyConfig() if weight_only else Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    quantize_(peer, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn not in heads)
+    return peer
+
+
+def low_precision_saving(model, precision: dict) -> int:
+    """Bytes one decode step no longer reads because GEMM weights are stored in FP8
+    (the report's per-GEMM dtypes; FP8 halves a bf16 weight, scales are negligible)."""
+    mods = dict(model.named_modules())
+    saved = 0
+    for path, info in precision.items():
+        w = getattr(mods.get(path), "weight", None)
+        if w is not None and info["dtype"].startswith("fp8") and info["kernel"].startswith("fp8"):
+            saved += w.numel() * (w.element_size() - 1)
+    return saved
 
 
 def profile_step(step, device: torch.device, steps: int = 10) -> list[dict]:
@@ -369,7 +417,8 @@ def _print_bench(r: dict) -> None:
               + (f", {r['catalog_bandwidth_gbs']:.0f} GB/s catalog" if r['catalog_bandwidth_gbs'] else "")
               + f"; launch {r['launch_us']:.2f} us")
     t = Table()
-    for col in ("contender", "batch", "ms", "tokens/s", "floor ms", "x floor", "predicted ms", "pred. error"):
+    for col in ("contender", "batch", "ms", "tokens/s", "floor ms", "x floor", "fp8 floor ms", "predicted ms",
+                "pred. error"):
         t.add_column(col, justify="right" if col != "contender" else "left")
     for row in r["rows"]:
         floor = row["extra"].get("floor_ms")
@@ -378,6 +427,7 @@ def _print_bench(r: dict) -> None:
         name = row["contender"] + (f" (prefill {row['extra']['prefill_tokens']})" if "prefill_tokens" in row["extra"] else "")
         t.add_row(name, str(row["batch"]), f"{row['ms']:.3f}", f"{row['tokens_s']:.0f}",
                   f"{floor:.3f}" if floor else "", f"{row['floor_ratio']:.2f}" if row["floor_ratio"] else "",
+                  f"{row['extra']['plan_floor_ms']:.3f}" if "plan_floor_ms" in row["extra"] else "",
                   f"{pred:.3f}" if pred else "", err)
     con.print(t)
     for n in r["notes"]:

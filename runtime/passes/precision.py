@@ -22,6 +22,7 @@ site (the pass reports it skipped, with both rules).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -295,3 +296,72 @@ class PrecisionPass:
             record(weights, [path], spec, weights.prepared(("linear", path), w[1], spec).kernel)
             done += 1
         return done
+
+
+# ----------------------------------------------------------------------------- per-rule error
+
+def run_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], spec: GemmPrecision) -> torch.Tensor:
+    """One GEMM computed as `spec` says (the op the rewritten graph calls), standalone."""
+    prepared = prepare_weight(w, spec)
+    if prepared.kernel == "fp8_linear":
+        return torch.ops.planlang.fp8_linear.default(x, prepared.data, prepared.scale, bias, spec.block_size or 0, None)
+    if prepared.kernel == "fp8_linear_dynamic":
+        return torch.ops.planlang.fp8_linear_dynamic.default(x, prepared.data, prepared.scale, bias, spec.activations,
+                                                             spec.block_size or 0, None)
+    if prepared.kernel == "emulated_linear":
+        from ..kernels.emulated import emulated_linear
+        fmt = spec.dtype if spec.activations != "keep" else ""
+        return emulated_linear(x, prepared.data, bias, fmt, spec.activations, spec.block_size or 0, None)
+    dt = TORCH_DTYPES[spec.dtype]
+    return torch.nn.functional.linear(x.to(dt), prepared.data, bias.to(dt) if bias is not None else None).to(x.dtype)
+
+
+def _keep_input(store: dict, path: str, module, args) -> None:
+    store.setdefault(path, args[0].detach().clone())
+
+
+@torch.no_grad()
+def gemm_errors(model: nn.Module, pmap: PrecisionMap, run) -> dict[int, dict]:
+    """Per precision rule: the relative error of the GEMM outputs it changes, on the inputs
+    those GEMMs see when `run(model)` runs the unplanned model once.
+
+    Returns {rule index: {"rel_error": ||y' - y|| / ||y|| over all its GEMMs, "gemms": n,
+    "worst": [path, rel_error]}}."""
+    if not pmap:
+        return {}
+    from ..kernels import emulated  # noqa: F401
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = []
+    specs = {}
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            spec = pmap.gemm(path, mod.weight.dtype)
+            if spec is not None:
+                specs[path] = (mod, spec)
+                hooks.append(mod.register_forward_pre_hook(functools.partial(_keep_input, inputs, path)))
+    if not specs:
+        return {}
+    if any(s.fp8 and not s.emulate for _, s in specs.values()):
+        from ..kernels import fp8_linear  # noqa: F401
+    try:
+        run(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    sums: dict[int, list] = {}
+    for path, (mod, spec) in specs.items():
+        x = inputs.get(path)
+        if x is None:
+            continue
+        ref = torch.nn.functional.linear(x.float(), mod.weight.float(), None if mod.bias is None else mod.bias.float())
+        got = run_gemm(x, mod.weight, mod.bias, spec).float()
+        num, den = (got - ref).norm().item() ** 2, ref.norm().item() ** 2
+        acc = sums.setdefault(spec.rule, [0.0, 0.0, 0, ("", 0.0)])
+        acc[0] += num
+        acc[1] += den
+        acc[2] += 1
+        err = (num / den) ** 0.5 if den else 0.0
+        if err >= acc[3][1]:
+            acc[3] = (path, err)
+    return {i: {"rel_error": (a[0] / a[1]) ** 0.5 if a[1] else 0.0, "gemms": a[2], "worst": list(a[3])}
+            for i, a in sums.items()}

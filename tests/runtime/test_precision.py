@@ -185,3 +185,13 @@ def test_default_casts_the_model_once():
 def test_gemm_precision_describes_itself():
     spec = GemmPrecision("fp8_e4m3", "block", 128, "per_token", False, 0, "**")
     assert spec.describe() == "fp8_e4m3, block scales of 128, activations per_token"
+
+
+def test_each_rule_reports_the_error_of_the_gemm_outputs_it_changes():
+    planned = apply(_model(), _plan([{"at": "**:linear", "dtype": "fp8_e5m2", "emulate": True},
+                                     {"at": "layers.1.mlp:linear", "dtype": "nvfp4", "emulate": True}]))
+    rules = {r.what: r for r in planned.report.rules if r.section.startswith("precision")}
+    e5m2, nvfp4 = rules["fp8_e5m2"].error, rules["nvfp4"].error
+    assert e5m2["gemms"] == 11 and nvfp4["gemms"] == 3   # 14 linears; the later rule takes layers.1.mlp
+    assert 0.01 < e5m2["rel_error"] < 0.2 and 0.03 < nvfp4["rel_error"] < 0.5
+    assert nvfp4["worst"][0].startswith("layers.1.mlp.")

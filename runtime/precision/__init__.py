@@ -1,0 +1,5 @@
+"""The `precision` section at run time.
+
+`formats` holds the exact quantize/dequantize of planlang's low-precision number formats
+(fp8_e4m3, fp8_e5m2, mxfp8, nvfp4, mxfp4), in plain PyTorch on any device.
+"""
