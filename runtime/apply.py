@@ -414,12 +414,12 @@ def _report_precision(plan: Plan, pmap: PrecisionMap, weights: FusedWeights, rep
             note = f"the model already runs in {rule.dtype}"
         elif not log:
             note = "won no GEMM (a later rule took its places, or no fusion/linear pass ran there)"
-        kernels = sorted({k for _, k in log.values()})
+        kernels = sorted({k for _, k, _ in log.values()})
         report.rules.append(RuleReport(where[0] + ("." + where[1] if len(where) > 1 else ""), i,
                                        rule.dtype, rule.at, sorted(log), ", ".join(kernels) or "none", note,
                                        errors.get(i)))
-    report.precision = {p: {"dtype": d, "kernel": k} for i in sorted(weights.precision_log)
-                        for p, (d, k) in weights.precision_log[i].items()}
+    report.precision = {p: {"dtype": d, "kernel": k, "by_rows": rows} for i in sorted(weights.precision_log)
+                        for p, (d, k, rows) in weights.precision_log[i].items()}
 
 
 def _capture_graphs(model: nn.Module, plan: Plan, forward: Callable, device: torch.device, report: Report) -> Callable:

@@ -171,9 +171,12 @@ def _print_apply(r: dict) -> None:
     for rule in rep["rules"]:
         places = rule["places"]
         shown = ", ".join(places[:4]) + (f" … (+{len(places) - 4})" if len(places) > 4 else "")
+        err = rule.get("error")
+        err_text = (f"\nGEMM output error {err['rel_error']:.2e} over {err['gemms']} (worst {err['worst'][0]}: "
+                    f"{err['worst'][1]:.2e})") if err else ""
         table.add_row(f"{rule['section']}[{rule['index']}] {rule['what']}", rule["at"],
-                      f"{len(places)}: {shown}" + (f"\n[yellow]{rule['note']}[/yellow]" if rule["note"] else ""),
-                      rule["kernel"])
+                      f"{len(places)}: {shown}" + (f"\n[yellow]{rule['note']}[/yellow]" if rule["note"] else "")
+                      + err_text, rule["kernel"])
     con.print(table)
     for note in rep["notes"]:
         con.print(f"  note: {note}")

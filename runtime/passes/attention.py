@@ -14,7 +14,12 @@ cache writes, e.g. `layers.0.attn`):
   casts and broadcasting), so one position tensor drives both the rotation and the
   writes, as the fused kernel requires;
 - the query is rotated with the same cos and sin, and q, k, v are projections viewed
-  [B, T, H, D] and transposed to [B, H, T, D].
+  [B, T, H, D] and transposed to [B, H, T, D];
+- an FP8 cache (float8 placeholder) is written through a byte view
+  (`cache.view(uint8).index_copy_(2, pos, codes.view(uint8))`) with the codes
+  `fp8(clamp(x.float() / s.view(1, -1, 1, 1), -fmax, fmax))`, s a [Hkv] scale per KV head
+  (also a placeholder) and fmax the format's largest value; a cache of a wider dtype
+  written with those codes times s is an emulated FP8 cache. The kernel gets the scales.
 
 `attention` site: `scaled_dot_product_attention(q, k, v, attn_mask=M)` or the written-out
 `softmax([sink,] mask(softcap(scale * q k^T))) @ v` (scale, then soft-cap, then mask:
@@ -28,7 +33,9 @@ the kernel's order), where
   additive (`s + where(M, 0, min)`). P becomes the kernel's `input_pos`, so the kernel
   sees exactly the keys the mask lets through, whatever wrote the cache.
 - a sink is a per-head parameter concatenated as one extra softmax column and dropped
-  after (gpt-oss).
+  after (gpt-oss);
+- an FP8 cache is read dequantized, `cache.float() * s.view(1, -1, 1, 1)` with s a [Hkv]
+  scale placeholder (then cast): the kernel reads the codes and gets the scales.
 
 Near misses: each pass's `explain(view)` maps the module of a computation that looks
 like a site but is not one to the reason, so a report can say why a rule lost a place.
@@ -80,11 +87,89 @@ def _batch_slice_base(n: Any) -> Any:
     return n
 
 
+def _bytes_of(n: Any) -> Any:
+    """x when n is x.view(dtype) (the same bytes read as another dtype), else n."""
+    while isinstance(n, fx.Node) and n.op == "call_method" and n.target == "view" and len(n.args) == 2 \
+            and isinstance(n.args[1], torch.dtype):
+        n = n.args[0]
+    return n
+
+
 def _cache(view: GraphView, n: Any) -> Optional[fx.Node]:
-    """The 4-D cache placeholder behind n = cache or cache[:B]."""
-    base = _batch_slice_base(n)
+    """The 4-D cache placeholder behind n = cache or cache[:B] (or a byte view of either)."""
+    base = _bytes_of(_batch_slice_base(_bytes_of(n)))
     t = view.input_tensor(base)
     return base if t is not None and t.dim() == 4 else None
+
+
+_FP8_FORMATS = {torch.float8_e4m3fn: ("fp8_e4m3", 448.0), torch.float8_e5m2: ("fp8_e5m2", 57344.0)}
+_SHAPE_OPS = {"view", "reshape", "unsqueeze"}
+
+
+def _head_scale(view: GraphView, n: Any) -> Optional[fx.Node]:
+    """The placeholder s [H] when n is s broadcast as [1, H, 1, 1] (view, reshape,
+    unsqueeze or `s[None, :, None, None]`, through casts): a scale per KV head."""
+    sd = shape_dtype(n)
+    if sd is None or len(sd[0]) != 4 or not isinstance(sd[0][1], int) or \
+            any(not (isinstance(d, int) and d == 1) for i, d in enumerate(sd[0]) if i != 1):
+        return None
+    base = n
+    while isinstance(base, fx.Node) and base.op != "placeholder":
+        if base.op == "call_method" and (base.target in _SHAPE_OPS or base.target in _CASTS):
+            base = base.args[0]
+        elif is_call(base, {torch.unsqueeze, torch.reshape}):
+            base = base.args[0]
+        elif base.op == "call_function" and base.target is operator.getitem and isinstance(base.args[1], tuple):
+            base = base.args[0]
+        else:
+            return None
+    t = view.input_tensor(base)
+    return base if t is not None and t.dim() == 1 and t.numel() == sd[0][1] else None
+
+
+def _walk_casts(n: Any, seen: list) -> Any:
+    """_strip that also records the nodes it walks through (and byte views)."""
+    while isinstance(n, fx.Node) and ((n.op == "call_method" and n.target in _CASTS) or _bytes_of(n) is not n):
+        seen.append(n)
+        n = _bytes_of(n) if _bytes_of(n) is not n else n.args[0]
+    return n
+
+
+def _quantized(view: GraphView, value: Any) -> Optional[dict]:
+    """What a cache write stores, when it is FP8-quantized with a scale per KV head:
+    `fp8(clamp(x / s[h], -fmax, fmax))` (through casts and byte views), or, emulated, that
+    times s[h]. Returns {x, scale, format, emulated, nodes (the quantize chain)}."""
+    nodes: list = []
+    n = _walk_casts(value, nodes)
+    emulated = None
+    if is_call(n, MUL_TARGETS, MUL_METHODS) and len(n.args) == 2:
+        for a, b in (n.args, tuple(reversed(n.args))):
+            s = _head_scale(view, b)
+            if s is not None and isinstance(a, fx.Node):
+                nodes += [n, b]
+                emulated, n = s, _walk_casts(a, nodes)
+                break
+        else:
+            return None
+    if not is_call(n, {torch.clamp, torch.clip}, ("clamp", "clip")):
+        return None
+    lo, hi = _const(_arg(n, 1, "min")), _const(_arg(n, 2, "max"))
+    if lo is None or hi is None or lo != -hi or hi <= 0:
+        return None
+    nodes.append(n)
+    n = _walk_casts(n.args[0], nodes)
+    if not (is_call(n, {operator.truediv, torch.div}, ("div", "__truediv__")) and len(n.args) == 2
+            and n.kwargs.get("rounding_mode") is None):
+        return None
+    scale = _head_scale(view, n.args[1])
+    if scale is None or (emulated is not None and emulated is not scale):
+        return None
+    nodes += [n, n.args[1]]
+    fp8 = [shape_dtype(m)[1] for m in nodes if shape_dtype(m) is not None and shape_dtype(m)[1] in _FP8_FORMATS]
+    if not fp8 or _FP8_FORMATS[fp8[0]][1] != hi:
+        return None  # no FP8 cast, or a clamp at another bound than the format's largest value
+    return {"x": _strip(n.args[0]), "scale": scale, "format": _FP8_FORMATS[fp8[0]][0],
+            "emulated": emulated is not None, "nodes": nodes}
 
 
 def _is_index_copy(n: fx.Node) -> bool:
@@ -268,17 +353,26 @@ class RopeKVCachePass(FusionPass):
     def _site(self, view: GraphView, path: str, ws: list[dict], ropes) -> tuple[str, Found]:
         if len(ws) != 2:
             return path, f"expected one key and one value cache write, found {len(ws)}"
-        roped = [(_rope(_strip(w["value"])), w) for w in ws]
+        for w in ws:
+            w["quant"] = _quantized(view, w["value"])
+            w["stored"] = w["quant"]["x"] if w["quant"] else w["value"]
+            if w["quant"] is None and view.input_tensor(w["cache"]).dtype in _FP8_FORMATS:
+                return path, ("an FP8 cache written without the per-KV-head quantize "
+                              "fp8(clamp(x / scale[h], -fmax, fmax)) planlang::rope_kvcache computes")
+        quants = [w["quant"] for w in ws]
+        if any(quants) and (not all(quants) or len({(q["format"], q["emulated"]) for q in quants}) != 1):
+            return path, "the key and value cache writes are quantized differently"
+        roped = [(_rope(_strip(w["stored"])), w) for w in ws]
         krope = [(r, w) for r, w in roped if r is not None]
         if len(krope) != 1:
             return path, "the key written to the cache is not rotated as x*cos + rotate_half(x)*sin"
         (rk, kw), = krope
         vw = next(w for w in ws if w is not kw)
-        place = _common_module(path, node_module(_strip(kw["value"])))
+        place = _common_module(path, node_module(_strip(kw["stored"])))
         pos = kw["pos"]
         if vw["pos"] is not pos or kw["cache"] is vw["cache"]:
             return place, "the key and value writes use different positions or one cache"
-        k_rot = _strip(kw["value"])
+        k_rot = _strip(kw["stored"])
         tc, ts = _table(view, rk["cos"], rk["x"]), _table(view, rk["sin"], rk["x"])
         if tc is None or ts is None:
             return place, ("cos/sin are computed each call, not rows of a [max_seq, D] table read at "
@@ -286,7 +380,7 @@ class RopeKVCachePass(FusionPass):
         if tc[1] is not pos or ts[1] is not pos:
             return place, ("the rotary positions and the cache write positions are different tensors "
                            "(e.g. position ids vs the cache's own counter); the fused kernel uses one for both")
-        k_in, v_in = _bthd(rk["x"]), _bthd(_strip(vw["value"]))
+        k_in, v_in = _bthd(rk["x"]), _bthd(_strip(vw["stored"]))
         if k_in is None or v_in is None:
             return place, "k and v are not [B, T, H, D] projections transposed to [B, H, T, D]"
         qropes = [n for n, r in ropes if n is not k_rot and _common_module(node_module(n), place) == place
@@ -296,22 +390,28 @@ class RopeKVCachePass(FusionPass):
         q_in = _bthd(_rope(qropes[0])["x"])
         if q_in is None:
             return place, "q is not a [B, T, H, D] projection transposed to [B, H, T, D]"
+        kq, vq = kw["quant"], vw["quant"]
         return place, Site(self.kind, place, (place,),
                            {"q": q_in, "k": k_in, "v": v_in, "cos": tc[0], "sin": ts[0], "pos": pos,
                             "k_cache": kw["cache"], "v_cache": vw["cache"], "q_rope": qropes[0],
-                            "k_rope": k_rot, "k_write": kw["node"], "v_write": vw["node"]}, {})
+                            "k_rope": k_rot, "k_write": kw["node"], "v_write": vw["node"],
+                            "k_scale": kq["scale"] if kq else None, "v_scale": vq["scale"] if vq else None,
+                            "quant_nodes": (kq["nodes"] + vq["nodes"]) if kq else []},
+                           {"kv_format": kq["format"] if kq else ""})
 
     def rewrite(self, view: GraphView, site: Site, weights: FusedWeights) -> str:
         g = view.graph
         n = site.nodes
         order = {node: i for i, node in enumerate(g.nodes)}
         inputs = [n[k] for k in ("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "pos")]
-        last = max(inputs, key=order.__getitem__)
+        scales = [n["k_scale"], n["v_scale"]] if n["k_scale"] is not None else []
+        last = max(inputs + scales, key=order.__getitem__)
         first_user = min((u for u in n["q_rope"].users), key=order.__getitem__, default=None)
         if first_user is not None and order[first_user] <= order[last]:
             return "skipped: the query rotation is used before the cache inputs exist"
         with g.inserting_before(last.next):  # (inserting_after would reverse the three nodes)
-            fused = g.call_function(torch.ops.planlang.rope_kvcache.default, tuple(inputs))
+            args = tuple(inputs) + ((*scales, site.info["kv_format"]) if scales else ())
+            fused = g.call_function(torch.ops.planlang.rope_kvcache.default, args)
             q_rot = g.call_function(operator.getitem, (fused, 0))
             q_new = g.call_method("transpose", (q_rot, 1, 2))
         for x in (fused, q_rot):
@@ -319,9 +419,12 @@ class RopeKVCachePass(FusionPass):
         adopt(q_new, n["q_rope"])
         n["q_rope"].replace_all_uses_with(q_new)
         # The writes are now done by the fused op; their results (the cache views) stay.
+        targets = [n["k_write"].args[0], n["v_write"].args[0]]
         for w in (n["k_write"], n["v_write"]):
             w.replace_all_uses_with(w.args[0])
         erase_unused(g, [n["k_write"], n["v_write"]])
+        # An FP8 cache's quantize chain and byte views of the cache are the kernel's now.
+        erase_unused(g, list(dict.fromkeys(n["quant_nodes"] + [t for t in targets if _bytes_of(t) is not t])))
         for w in (n["k_rope"], n["q_rope"]):
             erase_unused(g, _ancestors_until(w, set(inputs)))
         return "rope_kvcache"
@@ -542,11 +645,28 @@ _MATMUL = {torch.matmul, operator.matmul}
 _DROPOUT = {torch.nn.functional.dropout, torch.dropout}
 
 
-def _kv_source(view: GraphView, n: Any) -> tuple[Optional[fx.Node], Optional[int], Any]:
-    """(cache placeholder, repeat factor or None for none, the node read) behind k or v:
-    the cache itself or `cache[:B]`, maybe through `repeat_interleave(rep, dim=1)` or
-    Hugging Face's `repeat_kv` (`c[:, :, None].expand(B, H, rep, S, D).reshape(B, H*rep, S, D)`),
-    and casts."""
+def _kv_source(view: GraphView, n: Any) -> tuple[Optional[fx.Node], Optional[int], Any, Optional[fx.Node]]:
+    """(cache placeholder, repeat factor or None for none, the node read, per-KV-head scale
+    placeholder or None) behind k or v: the cache itself or `cache[:B]`, maybe dequantized
+    (`cache.float() * s.view(1, -1, 1, 1)`), maybe through `repeat_interleave(rep, dim=1)`
+    or Hugging Face's `repeat_kv` (`c[:, :, None].expand(B, H, rep, S, D).reshape(B, H*rep,
+    S, D)`), and casts."""
+    cache, rep, read = _kv_source_plain(view, n)
+    if cache is not None:
+        return cache, rep, read, None
+    if is_call(read, MUL_TARGETS, MUL_METHODS) and len(read.args) == 2:
+        for a, b in (read.args, tuple(reversed(read.args))):
+            scale = _head_scale(view, b)
+            if scale is not None and isinstance(a, fx.Node):
+                inner = _strip(a)
+                cache = _cache(view, inner)
+                if cache is not None:
+                    return cache, rep, inner, scale
+    return None, None, read, None
+
+
+def _kv_source_plain(view: GraphView, n: Any) -> tuple[Optional[fx.Node], Optional[int], Any]:
+    """_kv_source without dequantization: (cache, repeat factor, the node read)."""
     n = _strip(n)
     rep = None
     if is_call(n, {torch.repeat_interleave}, ("repeat_interleave",)):
@@ -629,11 +749,11 @@ class AttentionPass(FusionPass):
                     yield node_module(n) or "", found
 
     def _site(self, view, q, k, v, out, mask_node, info, extra) -> Found:
-        kc, krep, kread = _kv_source(view, k)
-        vc, vrep, _ = _kv_source(view, v)
+        kc, krep, kread, kscale = _kv_source(view, k)
+        vc, vrep, _, vscale = _kv_source(view, v)
         if kc is None or vc is None:
             return _NOT_CACHED
-        if krep != vrep or kc is vc:
+        if krep != vrep or kc is vc or (kscale is None) != (vscale is None):
             return "keys and values are read differently"
         q_sd, c_sd = shape_dtype(q), shape_dtype(kc)
         if q_sd is None or c_sd is None or len(q_sd[0]) != 4:
@@ -643,7 +763,16 @@ class AttentionPass(FusionPass):
             return "symbolic head or cache sizes"
         if dk != d or hq % hkv or (krep is not None and krep * hkv != hq) or (hint(b) or 0) > bmax:
             return "q does not fit the cache's shape"
-        if q_sd[1] != c_sd[1] or shape_dtype(vc)[1] != c_sd[1]:
+        if shape_dtype(vc)[1] != c_sd[1]:
+            return "the key and value caches differ in dtype"
+        if kscale is not None:
+            if c_sd[1] not in _FP8_FORMATS:
+                return "the cache is read times a per-head scale but is not an FP8 cache"
+            if view.input_tensor(kscale).numel() != hkv:
+                return "the cache's scales do not hold one value per KV head"
+        elif c_sd[1] in _FP8_FORMATS:
+            return "an FP8 cache read without its per-KV-head scale (cache.float() * scale[h])"
+        elif q_sd[1] != c_sd[1]:
             return "q and the cache differ in dtype"
         if not same_dims((shape_dtype(kread) or ((None,),))[0][0], b):
             return "the cache is not read at the batch's rows"
@@ -657,7 +786,8 @@ class AttentionPass(FusionPass):
             return "the mask's query positions do not match the queries"
         path = node_module(out) or ""
         return Site(self.kind, path, (path,),
-                    {"q": _bthd(q), "q_bhtd": q, "k_cache": kc, "v_cache": vc, "pos": mask.pos, "out": out, **extra},
+                    {"q": _bthd(q), "q_bhtd": q, "k_cache": kc, "v_cache": vc, "pos": mask.pos, "out": out,
+                     "k_scale": kscale, "v_scale": vscale, **extra},
                     {"window": mask.window, "causal": True, **info})
 
     def _sdpa(self, view: GraphView, n: fx.Node) -> Found:
@@ -751,9 +881,11 @@ class AttentionPass(FusionPass):
             scale = 1.0 / math.sqrt(view.input_tensor(n["k_cache"]).shape[-1])
         with g.inserting_before(out):
             q = n["q"] if n["q"] is not None else g.call_method("transpose", (n["q_bhtd"], 1, 2))
-            y = g.call_function(torch.ops.planlang.attention.default,
-                                (q, n["k_cache"], n["v_cache"], n["pos"], float(scale), info["softcap"],
-                                 n["sinks"], info["window"], bool(info["causal"])))
+            args = (q, n["k_cache"], n["v_cache"], n["pos"], float(scale), info["softcap"],
+                    n["sinks"], info["window"], bool(info["causal"]))
+            if n.get("k_scale") is not None:  # an FP8 cache: the kernel dequantizes
+                args += (n["k_scale"], n["v_scale"])
+            y = g.call_function(torch.ops.planlang.attention.default, args)
             y_t = g.call_method("transpose", (y, 1, 2))
         for x in (q, y):
             if x is not n["q"]:

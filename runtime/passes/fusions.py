@@ -49,7 +49,8 @@ class FusedWeights:
         self.part_rows: dict[tuple, list[int]] = {}   # fused key -> rows of each part
         self.precision = precision        # a passes.precision.PrecisionMap, or None
         self._prepared: dict[tuple, Any] = {}
-        self.precision_log: dict[int, dict[str, tuple[str, str]]] = {}  # rule -> path -> (dtype, kernel)
+        self.precision_log: dict[int, dict[str, tuple]] = {}  # rule -> path -> (dtype, kernel, kernels by rows)
+        self.last_by_rows: dict[int, str] = {}
 
     def prepared(self, key: tuple, tensor: torch.Tensor, spec) -> Any:
         """`tensor` quantized or cast as precision `spec` says, made once per key (the
@@ -374,7 +375,7 @@ class SwiGLUPass(FusionPass):
                                                                (xc, wn, site.info["act"])),
                             act=site.info["act"])
             kernel = weights.prepared(site.key, w13, spec).kernel
-            record(weights, site.members, spec, kernel)
+            record(weights, site.members, spec, kernel, weights.last_by_rows)
         else:
             w_node = _get_attr(view, site.key, w13, site.nodes["mul"])
             with g.inserting_before(site.nodes["mul"]):
@@ -439,7 +440,7 @@ class QKVPass(FusionPass):
             y = emit_gemm(view, first, site.nodes["x"], w, b_node, site.key, spec, weights,
                           lambda xc, wn, bc: g.call_function(torch.ops.planlang.qkv_linear.default, (xc, wn, bc)))
             kernel = weights.prepared(site.key, w, spec).kernel
-            record(weights, site.members, spec, kernel)
+            record(weights, site.members, spec, kernel, weights.last_by_rows)
             kernel = f"qkv via {kernel}"
         else:
             w_node = _get_attr(view, site.key, w, first)

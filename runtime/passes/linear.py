@@ -39,7 +39,7 @@ class LinearPass(FusionPass):
             new = emit_gemm(view, n, x, weight, b, key, spec, weights,
                             lambda xc, wn, bc: view.graph.call_function(torch.ops.planlang.linear.default, (xc, wn, bc)))
             kernel = weights.prepared(key, weight, spec).kernel
-            record(weights, [site.path], spec, kernel)
+            record(weights, [site.path], spec, kernel, weights.last_by_rows)
         else:
             with view.graph.inserting_before(n):
                 new = view.graph.call_function(torch.ops.planlang.linear.default, (x, w, b))

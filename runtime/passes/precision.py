@@ -235,11 +235,12 @@ def emit_gemm(view, before, x, w: torch.Tensor, bias, key: tuple, spec: GemmPrec
     if spec.fp8 and not spec.emulate:
         from ..kernels import fp8_linear  # noqa: F401  (registers planlang::fp8_linear*)
     prepared = weights.prepared(key, w, spec)
+    sd = shape_dtype(x)
+    x_dtype = sd[1] if sd is not None else weights.precision.model_dtype
+    weights.last_by_rows = kernels_by_rows(prepared, spec, x_dtype, act, bias is not None)
     w_node = _get_attr(view, key + ("w",) + spec.numerics, prepared.data, before)
     if spec.dtype in TORCH_DTYPES:
         dt = TORCH_DTYPES[spec.dtype]
-        sd = shape_dtype(x)
-        x_dtype = sd[1] if sd is not None else weights.precision.model_dtype
         with g.inserting_before(before):
             xc = g.call_method("to", (x, dt))
             bc = g.call_method("to", (bias, dt)) if bias is not None else None
@@ -260,11 +261,27 @@ def emit_gemm(view, before, x, w: torch.Tensor, bias, key: tuple, spec: GemmPrec
                                (x, w_node, bias, fmt, spec.activations, spec.block_size or 0, act))
 
 
-def record(weights, paths: Sequence[str], spec: GemmPrecision, kernel: str) -> None:
+REPORT_ROWS = (1, 16, 2048)  # decode at batch 1 and 16, a prefill: the kernel each takes
+
+
+def kernels_by_rows(prepared: PreparedWeight, spec: GemmPrecision, x_dtype: torch.dtype, act: Optional[str],
+                    has_bias: bool) -> dict[int, str]:
+    """For an FP8 GEMM, the kernel each row count in REPORT_ROWS takes (the dispatch is per
+    shape; every choice computes the rule's numbers up to accumulation order)."""
+    if prepared.kernel not in ("fp8_linear", "fp8_linear_dynamic"):
+        return {}
+    from ..kernels.fp8_linear import fp8_kernel_name
+    n, k = prepared.data.shape
+    return {m: fp8_kernel_name(m, n, k, act=act, scaling=spec.scaling, block_size=spec.block_size or 0,
+                               act_mode=spec.activations, x_dtype=x_dtype, w_dtype=prepared.data.dtype,
+                               has_bias=has_bias, device=prepared.data.device) for m in REPORT_ROWS}
+
+
+def record(weights, paths: Sequence[str], spec: GemmPrecision, kernel: str, by_rows: Optional[dict] = None) -> None:
     """Note, for the report, that the GEMM of `paths` runs as `spec` says with `kernel`."""
     weights.precision_log.setdefault(spec.rule, {})
     for p in paths:
-        weights.precision_log[spec.rule][p] = (spec.describe(), kernel)
+        weights.precision_log[spec.rule][p] = (spec.describe(), kernel, by_rows or {})
 
 
 class PrecisionPass:
@@ -293,7 +310,7 @@ class PrecisionPass:
             adopt(out, n)
             n.replace_all_uses_with(out)
             erase_unused(view.graph, [n])
-            record(weights, [path], spec, weights.prepared(("linear", path), w[1], spec).kernel)
+            record(weights, [path], spec, weights.prepared(("linear", path), w[1], spec).kernel, weights.last_by_rows)
             done += 1
         return done
 

@@ -164,6 +164,8 @@ def test_fp8_weights_run_the_fp8_kernels_and_equal_their_emulation():
     assert rel(got, want) < 2e-2  # bf16 activations between the GEMMs; one rounding apart
     kernels = {v["kernel"] for v in planned.report.precision.values()}
     assert kernels == {"fp8_linear"}
+    rows = planned.report.precision["layers.0.attn.wo"]["by_rows"]
+    assert rows[1].startswith("fp8_gemv") and "gemv" not in rows[2048]
 
 
 def test_the_report_names_rules_for_ops_that_stay_as_they_are():
