@@ -271,7 +271,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         raise ApplyError(diags)
     _cast_default(model, plan, report)
 
-    if hasattr(model, "setup_caches"):
+    if hasattr(model, "setup_caches") and plan.mode != "training":
         mb = max_batch or plan.limits.max_batch or max(plan.graphs.buckets)
         sl = max_seq_len or plan.limits.max_seq_len or min(getattr(model.config, "max_seq_len", 2048), 4096)
         if not model.caches_fit(mb, sl):

@@ -146,6 +146,11 @@ def model_diagnostics(loaded, model_spec: str, *, target: Optional[str], catalog
                 parts = ", ".join(f"{k} {v / 1e9:.1f} GB" for k, v in need.items())
                 diags.append(at(src, ("limits",), "PL207", f"needs {total / 1e9:.1f} GB ({parts}); "
                                 f"target {t.id} has {t.memory_gb:g} GB", hint="lower limits, offload layers, or split with parallel.tensor"))
+    if plan.memory.offload and catalog is not None:
+        t = catalog.get(target if target and target != "auto" else plan.target)
+        if t is not None:
+            from .memory.offload import offload_diagnostics
+            diags += offload_diagnostics(model, plan, src, t)
     return diags
 
 
