@@ -3,6 +3,8 @@
 - `builtin:<name>` (or nothing: the default built-in model), from `registry.py`;
 - a planlang checkpoint `.pt`, written by `export_checkpoint`, read with
   `torch.load(weights_only=True)`, so reading it never runs code from the file;
+- the same checkpoint as `.safetensors` (written by `export_safetensors`: the tensors, and
+  the config in the file's metadata), read with the `safetensors` library;
 - a Hugging Face model folder (config.json + weights), through `transformers`;
 - a pickled `nn.Module`, only with `trust_pickle=True`, because unpickling runs code.
 
@@ -11,6 +13,7 @@ stay in `__cause__` for debugging and never reach the user as a traceback.
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 import zipfile
@@ -72,6 +75,26 @@ def export_checkpoint(model: Transformer, path: Union[str, Path], *, name: Optio
     return path
 
 
+def export_safetensors(model: Transformer, path: Union[str, Path], *, name: Optional[str] = None) -> Path:
+    """Write `model` as a planlang checkpoint in safetensors form: the tensors as they are
+    (dtype kept; the tied LM head once, as the embedding), and format, version, arch, name
+    and config as JSON strings in the metadata. `load_model` reads it back to identical
+    outputs. Written beside `path` and renamed, like `export_checkpoint`."""
+    if not isinstance(model, Transformer):
+        raise TypeError(f"export_safetensors takes a planlang Transformer, not {type(model).__name__}")
+    from safetensors.torch import save_file
+    config = model.config
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if not (config.tie_embeddings and k == "lm_head.weight")}
+    metadata = {"format": CHECKPOINT_FORMAT, "version": str(CHECKPOINT_VERSION), "arch": config.arch,
+                "name": name or "", "config": json.dumps(config.to_dict(), sort_keys=True)}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
 def load_model(spec: Union[str, Path, None], *, trust_pickle: bool = False, device="cpu",
                dtype: Optional[torch.dtype] = None) -> LoadedModel:
     """Load the model that `spec` names (see the module docstring) onto `device`, cast to
@@ -89,6 +112,8 @@ def load_model(spec: Union[str, Path, None], *, trust_pickle: bool = False, devi
         raise ModelLoadError("no such file or folder", path=path, hint=hint)
     if path.is_dir():
         return _load_hf(path, device, dtype)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path, device, dtype)
     return _load_torch_file(path, trust_pickle, device, dtype)
 
 
@@ -115,6 +140,34 @@ def _load_torch_file(path: Path, trust_pickle: bool, device, dtype) -> LoadedMod
             return _load_pickle(path, device, dtype)
         raise ModelLoadError("truncated or corrupt PyTorch file (torch.load could not read it)", path=path,
                              hint="write or download the file again") from exc
+    return _from_checkpoint(obj, path, device, dtype)
+
+
+def _load_safetensors(path: Path, device, dtype) -> LoadedModel:
+    """A planlang checkpoint in safetensors form; safetensors never runs code from the file."""
+    try:
+        from safetensors import safe_open
+    except ImportError as exc:
+        raise ModelLoadError("reading .safetensors needs the safetensors package, which is not installed",
+                             path=path, hint="pip install 'planlang[runtime]'") from exc
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors' own error type differs between versions
+        raise ModelLoadError(f"not a readable safetensors file ({_first_sentence(exc)})", path=path,
+                             hint="write or download the file again") from exc
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ModelLoadError(f"a safetensors file without planlang metadata (format {meta.get('format')!r})",
+                             path=path, hint="a Hugging Face model is loaded from its folder; "
+                                             "write planlang checkpoints with export_safetensors")
+    try:
+        obj = {"format": meta["format"], "version": int(meta.get("version", "")), "arch": meta.get("arch"),
+               "name": meta.get("name") or None, "config": json.loads(meta.get("config", "")),
+               "state_dict": state}
+    except ValueError as exc:
+        raise ModelLoadError(f"invalid planlang metadata ({exc})", path=path,
+                             hint="export the checkpoint again") from exc
     return _from_checkpoint(obj, path, device, dtype)
 
 

@@ -3,6 +3,11 @@
 Each entry is a config factory plus the dtype the model runs in. Weights are random from a
 fixed seed, except for entries that name a weights file: a planlang checkpoint under
 `runtime/models/data/` (the hook for the `*-trained` models), loaded instead.
+
+`llama-tiny-trained` is such a model: a byte-level Llama trained on Python's standard
+library by `python -m planlang.runtime.models.train_tiny`, so that numerics (number formats,
+fused kernels) can be judged against a model whose logits mean something; its weights,
+training record and held-out evaluation text lie in `data/` (see `data/README.md`).
 """
 from __future__ import annotations
 
@@ -40,6 +45,12 @@ def _llama_tiny() -> ModelConfig:
     return ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab_size=256)
 
 
+def _llama_tiny_trained() -> ModelConfig:
+    # Dims are multiples of 32 (head_dim 32, K 256 and 768), so FP8 and block formats apply.
+    return ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768, vocab_size=256,
+                       rope_theta=10000.0, max_seq_len=2048)
+
+
 def _gemma2_tiny() -> ModelConfig:
     return ModelConfig(
         dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab_size=256,
@@ -71,6 +82,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "gemma2-tiny": BuiltinModel(_gemma2_tiny, torch.float32,
                                 "tiny Gemma-2-like: soft-caps, sliding window on even layers, GeGLU"),
     "sinks-tiny": BuiltinModel(_sinks_tiny, torch.float32, "tiny Llama with gpt-oss-style attention sinks"),
+    "llama-tiny-trained": BuiltinModel(_llama_tiny_trained, torch.bfloat16,
+                                       "byte-level Llama trained on Python's standard library",
+                                       weights="llama_tiny_trained.safetensors"),
     "llama-1b": BuiltinModel(_llama_1b, torch.bfloat16, "Llama-3.2-1B shape"),
     "llama-8b": BuiltinModel(_llama_8b, torch.bfloat16, "Llama-3.1-8B shape"),
 }
@@ -112,14 +126,24 @@ def build_builtin(name: str, *, device="cpu", dtype: Optional[torch.dtype] = Non
     """The built-in model `name` on `device`, in `dtype` (default: the entry's), in eval mode.
 
     Random weights are drawn from `seed` and are the same on every run (tiny models: on
-    every device too). Raises KeyError for an unknown name, with a did-you-mean.
+    every device too); an entry with a weights file loads it (and ignores `seed`). Raises
+    KeyError for an unknown name, with a did-you-mean; ModelLoadError when the weights file
+    is missing or does not hold the entry's config.
     """
     if name not in BUILTIN_MODELS:
         raise KeyError(unknown_name_message(name))
     entry = BUILTIN_MODELS[name]
     if entry.weights is not None:
-        from .checkpoint import load_model  # late: checkpoint imports this module
-        return load_model(str(DATA_DIR / entry.weights), device=device, dtype=dtype or entry.dtype).model
+        from .checkpoint import ModelLoadError, load_model  # late: checkpoint imports this module
+        path = DATA_DIR / entry.weights
+        if not path.is_file():
+            raise ModelLoadError(f"the weights of builtin:{name} are missing", path=path,
+                                 hint="reinstall planlang, or train them: python -m planlang.runtime.models.train_tiny")
+        model = load_model(str(path), device=device, dtype=dtype or entry.dtype).model
+        if model.config != entry():
+            raise ModelLoadError(f"the weights file does not hold builtin:{name}'s config", path=path,
+                                 hint="train the weights again: python -m planlang.runtime.models.train_tiny")
+        return model
     config = entry()
     with torch.device("meta"):
         model = Transformer(config)  # no memory and no default init: every weight is drawn below
