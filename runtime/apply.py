@@ -276,6 +276,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         sl = max_seq_len or plan.limits.max_seq_len or min(getattr(model.config, "max_seq_len", 2048), 4096)
         if not model.caches_fit(mb, sl):
             model.setup_caches(mb, sl)
+    kv = None
     if example_inputs is None:
         if not hasattr(model, "config"):
             raise ApplyError([at(source, ("fusions",), "PL309",
@@ -290,6 +291,9 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         run = lambda m: m(*args)  # noqa: E731
 
     errors = gemm_errors(model, pmap, run) if pmap and plan.mode != "training" else {}
+    if pmap and plan.mode != "training" and any(Selector.parse(r.at).op == "kv_cache" for r in pmap.rules):
+        from .precision.kv_cache import apply_kv_cache_precision
+        kv = apply_kv_cache_precision(model, pmap, run, report)  # before the trace: it sees FP8 caches
     # eps and offsets must stay constants in the graph, or recompiled graphs lose the norms.
     torch._dynamo.config.specialize_float = True
     views = capture(model, run)
@@ -350,7 +354,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         lost = skipped.get(i, {})
         report.rules.append(RuleReport("fusions", i, rule.kind, rule.at, [p for p in names if p not in lost], kern,
                                        "; ".join(f"{p}: {why}" for p, why in sorted(lost.items()))))
-    _report_precision(plan, pmap, weights, report, training, errors)
+    _report_precision(plan, pmap, weights, report, training, errors, kv)
     if mode != plan.compile.mode:
         report.notes.append(f"compile mode {plan.compile.mode} runs as {mode}: planlang captures the graphs")
     if mode != "none":
@@ -360,6 +364,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
     forward = _capture_graphs(model, plan, forward, device, report)
     planned = PlannedModel(model, plan, report, forward, weights, sampling)
     planned.offload = offload
+    planned.kv_cache = kv
     return planned
 
 
@@ -387,7 +392,7 @@ _OP_NOTES = {
     "softmax": "planlang's attention kernels compute softmax in fp32",
     "qk": "no FP8 attention kernel yet: the score GEMM stays in the model's dtype",
     "pv": "no FP8 attention kernel yet: the value GEMM stays in the model's dtype",
-    "kv_cache": "no FP8 KV cache yet: the cache stays in the model's dtype",
+    "kv_cache": "the KV cache stays in the model's dtype (an FP8 cache needs a built-in model's KVCache)",
     "embedding": "embeddings are gathered rows: they stay in the model's dtype",
     "act": "activations compute in fp32 inside the fused kernels",
     "matmul": "matmuls other than linears run as the model wrote them",
@@ -396,7 +401,7 @@ _OP_NOTES = {
 
 
 def _report_precision(plan: Plan, pmap: PrecisionMap, weights: FusedWeights, report: Report, training: bool,
-                      errors: dict) -> None:
+                      errors: dict, kv: Optional[dict] = None) -> None:
     """One report entry per precision rule: the GEMMs it won and the kernel that runs there;
     for rules on other op kinds, what planlang does with them."""
     if not pmap:
@@ -408,6 +413,10 @@ def _report_precision(plan: Plan, pmap: PrecisionMap, weights: FusedWeights, rep
         note = ""
         if training:
             note = "training: the rule is checked, GEMMs run in the compute dtype (fused kernels have no backward)"
+        elif op == "kv_cache" and kv is not None:
+            from .precision.kv_cache import kv_cache_rule_note
+            note = kv_cache_rule_note(kv)
+            log = {p: (rule.dtype, "rope_kvcache/attention (fp8 cache)", {}) for p in kv.get("rules", {}).get(i, [])}
         elif op in _OP_NOTES:
             note = _OP_NOTES[op]
         elif not log and rule.dtype in TORCH_DTYPES and TORCH_DTYPES[rule.dtype] == pmap.model_dtype:

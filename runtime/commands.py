@@ -117,6 +117,8 @@ def cmd_apply(args) -> int:
 
     ref = _run_steps(model, prompt, steps)
     t_ref = _time_ms(lambda: _run_steps(model, prompt, steps), device, reps)
+    reference = ReferenceLogits(model, device, args.eval_tokens)
+    model.setup_caches(max(batch, plan.limits.max_batch or 1), max(prompt_len + steps + 1, plan.limits.max_seq_len or 0))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -133,6 +135,9 @@ def cmd_apply(args) -> int:
     rel = ((got_all - ref_all).norm() / ref_all.norm()).item()
     max_abs = (got_all - ref_all).abs().max().item()
     agree = (got_all.argmax(-1) == ref_all.argmax(-1)).float().mean().item()
+    acc = reference.against(planned)
+    # the gates read the evaluation text when there is one, else the decode steps
+    gate_rel, gate_agree = (acc["rel_error"], acc["top1_agreement"]) if acc else (rel, agree)
     result = {
         "plan": plan.name, "model": lm.source, "device": str(device), "target": target,
         "report": planned.report.to_json(),
@@ -140,13 +145,13 @@ def cmd_apply(args) -> int:
                      "steps": f"prefill {prompt_len} tokens + {steps} decode steps, batch {batch}"},
         "time_ms": {"unplanned": t_ref, "planned": t_plan, "speedup": t_ref / t_plan if t_plan else None,
                     "what": f"prefill {prompt_len} + {steps} decode steps, eager Python loop, median of {reps}"},
-        "apply_s": apply_s, "peak_memory_mib": peak,
+        "apply_s": apply_s, "peak_memory_mib": peak, "accuracy": acc,
     }
     failed = []
-    if args.max_error is not None and rel > args.max_error:
-        failed.append(f"relative error {rel:.3g} exceeds --max-error {args.max_error}")
-    if args.min_agreement is not None and agree < args.min_agreement:
-        failed.append(f"top-1 agreement {agree:.3f} is below --min-agreement {args.min_agreement}")
+    if args.max_error is not None and gate_rel > args.max_error:
+        failed.append(f"relative error {gate_rel:.3g} exceeds --max-error {args.max_error}")
+    if args.min_agreement is not None and gate_agree < args.min_agreement:
+        failed.append(f"top-1 agreement {gate_agree:.3f} is below --min-agreement {args.min_agreement}")
     result["ok"] = not failed
     result["failures"] = failed
     if args.format == "json":
@@ -156,6 +161,55 @@ def cmd_apply(args) -> int:
     for f in failed:
         print(f"planlang apply: {f}", file=sys.stderr)
     return EXIT_ERRORS if failed else EXIT_OK
+
+
+class ReferenceLogits:
+    """The unplanned model's logits on the evaluation text, computed once BEFORE any plan
+    is applied (a plan may change state the unplanned module shares, e.g. an FP8 KV cache),
+    and replayed for every comparison."""
+
+    def __init__(self, model, device: torch.device, max_tokens: int):
+        from .accuracy import compare, eval_tokens, logits_fn_for
+        self.tokens = None
+        if not max_tokens or model.config.vocab_size < 256:
+            return
+        self.tokens = eval_tokens(device, max_tokens=max_tokens)
+        self.chunk = min(256, self.tokens.shape[1])
+        if hasattr(model, "setup_caches") and not model.caches_fit(1, self.chunk):
+            model.setup_caches(max(1, getattr(model, "max_batch", 1)), max(self.chunk, getattr(model, "max_seq_len", 0)))
+        fn, self._store = logits_fn_for(model), {}
+
+        def memo(ids):
+            key = (tuple(ids.shape), tuple(ids.flatten().tolist()))
+            if key not in self._store:
+                self._store[key] = fn(ids).detach()
+            return self._store[key]
+        self.fn = memo
+        with torch.no_grad():
+            compare(memo, memo, self.tokens, chunk=self.chunk)  # fills the store: one pass
+
+    def against(self, planned) -> Optional[dict]:
+        """Logit error, KL, top-1 agreement and perplexities of `planned` (runtime/accuracy.py);
+        with an FP8 KV cache, also the fraction of cached values that saturated on the text."""
+        if self.tokens is None:
+            return None
+        from .accuracy import compare, logits_fn_for
+        with torch.no_grad():
+            out = compare(self.fn, logits_fn_for(planned), self.tokens, chunk=self.chunk).to_json()
+            if getattr(planned, "kv_cache", None):
+                from .precision.kv_cache import kv_saturation
+                chunks = self.tokens.split(self.chunk, dim=1)
+                out["kv_saturation"] = kv_saturation(
+                    planned, lambda m: [m(c, torch.arange(c.shape[1], device=c.device)) for c in chunks])
+        return out
+
+
+def restore_caches(model) -> None:
+    """Undo what a plan did to state the unplanned model shares (FP8 KV caches), so the
+    next contender of a bench starts from the model as loaded."""
+    from .precision.kv_cache import kv_caches
+    for _, cache in kv_caches(model):
+        cache.to_compute_dtype()
 
 
 def _print_apply(r: dict) -> None:
@@ -183,6 +237,13 @@ def _print_apply(r: dict) -> None:
     n, t = r["numerics"], r["time_ms"]
     con.print(f"numerics ({n['steps']}): relative error {n['rel_error']:.3e}, max abs {n['max_abs_error']:.3e}, "
               f"top-1 agreement {n['top1_agreement']:.3f}")
+    if r.get("accuracy"):
+        a = r["accuracy"]
+        con.print(f"accuracy on the evaluation text ({a['tokens']} tokens, chunks of {a['chunk']}): "
+                  f"logit error {a['rel_error']:.3e}, KL {a['kl']:.3e}, top-1 agreement {a['top1_agreement']:.4f}, "
+                  f"perplexity {a['ppl_reference']:.4f} -> {a['ppl_candidate']:.4f} "
+                  f"({(a['ppl_candidate'] / a['ppl_reference'] - 1) * 100:+.2f}%)"
+                  + (f"; FP8 KV cache: {a['kv_saturation'] * 100:.3f}% of values saturated" if "kv_saturation" in a else ""))
     con.print(f"time ({t['what']}): unplanned {t['unplanned']:.2f} ms, planned {t['planned']:.2f} ms "
               f"({t['speedup']:.2f}x); apply took {r['apply_s']:.1f} s"
               + (f"; peak memory {r['peak_memory_mib']:.0f} MiB" if r["peak_memory_mib"] else ""))
@@ -255,6 +316,9 @@ def cmd_bench(args) -> int:
     rows: list[Row] = []
     notes = []
     profiles: dict[str, list] = {}
+    accuracy: dict[str, dict] = {}
+    reference = ReferenceLogits(model, device, getattr(args, "eval_tokens", 512))
+    model.setup_caches(max(buckets), max_seq)
     reps = 50 if device.type == "cuda" else 3
 
     def decode_rows(name, fn, fill_fn, predicted=None):
@@ -282,6 +346,7 @@ def cmd_bench(args) -> int:
             torch.cuda.empty_cache()
     for loaded in plans:
         plan = loaded.plan
+        restore_caches(model)
         torch._dynamo.reset()
         try:
             planned = apply(model, plan, source=loaded.source, device=device)
@@ -304,6 +369,10 @@ def cmd_bench(args) -> int:
                 if r.contender == f"plan {plan.name}":
                     r.extra["plan_floor_ms"] = (step_bytes(model, r.batch, context) - saved) / (bw * 1e9) * 1e3
         notes.extend(f"{plan.name}: {n}" for n in planned.report.notes)
+        acc = reference.against(planned)
+        if acc is not None:
+            accuracy[plan.name] = acc
+        model.setup_caches(max(buckets), max_seq)
         if args.profile:
             profiles[plan.name] = profile_step(decode_step(planned, buckets[0], context, cfg.vocab_size, device), device)
     # prefill
@@ -325,7 +394,8 @@ def cmd_bench(args) -> int:
     result = {"model": lm.source, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "triton": _triton_version(), "context": context,
               "copy_bandwidth_gbs": bw, "catalog_bandwidth_gbs": target.memory_bandwidth_gbs if target else None,
-              "launch_us": launch_us, "rows": [r.__dict__ for r in rows], "notes": notes, "profile": profiles}
+              "launch_us": launch_us, "rows": [r.__dict__ for r in rows], "notes": notes, "profile": profiles,
+              "accuracy": accuracy}
     if args.format == "json":
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -435,6 +505,11 @@ def _print_bench(r: dict) -> None:
     con.print(t)
     for n in r["notes"]:
         con.print(f"  note: {n}")
+    for name, a in r.get("accuracy", {}).items():
+        con.print(f"  accuracy of plan {name} against the unplanned model ({a['tokens']} tokens of the "
+                  f"evaluation text): logit error {a['rel_error']:.2e}, KL {a['kl']:.2e}, "
+                  f"top-1 agreement {a['top1_agreement']:.4f}, perplexity {a['ppl_reference']:.3f} -> "
+                  f"{a['ppl_candidate']:.3f}")
     for name, prof in r.get("profile", {}).items():
         pt = Table(title=f"profile: plan {name}, one decode step at batch {r['rows'][0]['batch']}")
         for col in ("kernel", "us/step", "calls/step"):

@@ -22,6 +22,14 @@ themselves, so the op can be captured in a CUDA graph and replayed at any positi
 
 Everything runs in float32 inside (scores, softmax, accumulation); the output has q's dtype.
 `attention_reference` is the plain PyTorch definition, and what runs where Triton cannot.
+
+FP8 caches (a precision rule on `:kv_cache`): k_cache and v_cache hold float8 codes and
+`k_scale`, `v_scale` (float32 [Hkv]) a scale per KV head; the keys and values are
+`codes * scale[h]`. The kernels load the codes, convert them to q's dtype (exact: every
+FP8 value is a bfloat16 / float16 value) and apply the scales in float32 outside the
+GEMMs: the key scale joins the score scale, the value scale multiplies the accumulated
+output. For the power-of-two scales `KVCache` calibrates this is exactly the GEMM on the
+dequantized cache; for any other scale it differs by float32 rounding only.
 """
 from __future__ import annotations
 
@@ -57,8 +65,12 @@ def attention_reference(
     sinks: Optional[torch.Tensor] = None,
     window: Optional[int] = None,
     causal: bool = True,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The definition of `attention`, in float32 torch ops over the whole cache length.
+    With `k_scale`, `v_scale` [Hkv] the caches hold FP8 codes: keys are k_cache * k_scale[h],
+    values v_cache * v_scale[h].
 
     Cache rows past the batch and positions past input_pos[-1] are never read into the
     result (they are replaced by zeros before any arithmetic), so garbage there is harmless.
@@ -81,6 +93,9 @@ def attention_reference(
     # Zero the unfilled positions first: NaN or inf there must not reach the matmuls.
     k = torch.where(filled[None, None, :, None], k_cache[:B].to(compute), 0.0)
     v = torch.where(filled[None, None, :, None], v_cache[:B].to(compute), 0.0)
+    if k_scale is not None:
+        k = k * k_scale.to(compute).view(1, Hkv, 1, 1)
+        v = v * v_scale.to(compute).view(1, Hkv, 1, 1)
     k = k.repeat_interleave(group, dim=1)  # [B, Hq, S, D]: query head h reads KV head h // group
     v = v.repeat_interleave(group, dim=1)
 
@@ -136,11 +151,12 @@ if _HAVE_TRITON:
         stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd,
         stride_ob, stride_oh, stride_od,
-        scale, softcap, window, S, Hq, Hkv, min_chunk,
+        scale, softcap, window, S, Hq, Hkv, min_chunk, ks_ptr, vs_ptr,
         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, FAST_TANH: tl.constexpr,
+        KV_SCALED: tl.constexpr = False,
     ):
         """One (batch row, KV head, split): all GROUP query heads over one slice of the context.
 
@@ -180,6 +196,8 @@ if _HAVE_TRITON:
         )
         k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
+        if KV_SCALED:  # FP8 cache: the key scale joins the score scale
+            scale = scale * tl.load(ks_ptr + kv_head).to(tl.float32)
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -191,6 +209,8 @@ if _HAVE_TRITON:
                 k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                 mask=n_ok[None, :] & d_ok[:, None], other=0.0,
             )
+            if KV_SCALED:
+                k_t = k_t.to(q.dtype)  # FP8 codes: exact in q's dtype
             s = _scores_base2(_mma(q, k_t, DOT_PRECISION, DOT_UPCAST), scale, softcap, HAS_SOFTCAP, FAST_TANH)
             s = tl.where(n_ok[None, :], s, float("-inf"))
             # Every block holds at least one visible key (n0 < stop), so m_new is finite.
@@ -202,8 +222,12 @@ if _HAVE_TRITON:
                 v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                 mask=n_ok[:, None] & d_ok[None, :], other=0.0,
             )
+            if KV_SCALED:
+                v = v.to(q.dtype)
             acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
             m_i = m_new
+        if KV_SCALED:  # every key of this program's slice belongs to one KV head
+            acc = acc * tl.load(vs_ptr + kv_head).to(tl.float32)
 
         if FUSED_REDUCE:
             out_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
@@ -307,11 +331,12 @@ if _HAVE_TRITON:
         stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd,
         stride_ob, stride_ot, stride_oh, stride_od,
-        scale, softcap, window, S, T, Hq,
+        scale, softcap, window, S, T, Hq, ks_ptr, vs_ptr,
         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, FAST_TANH: tl.constexpr,
+        KV_SCALED: tl.constexpr = False,
     ):
         """One (block of BLOCK_M queries, batch row x query head): flash attention over the cache."""
         pid_m = tl.program_id(0)
@@ -342,6 +367,8 @@ if _HAVE_TRITON:
         )
         k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
+        if KV_SCALED:  # FP8 cache: the key scale joins the score scale
+            scale = scale * tl.load(ks_ptr + kv_head).to(tl.float32)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -353,6 +380,8 @@ if _HAVE_TRITON:
                 k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                 mask=n_ok[None, :] & d_ok[:, None], other=0.0,
             )
+            if KV_SCALED:
+                k_t = k_t.to(q.dtype)  # FP8 codes: exact in q's dtype
             s = _scores_base2(_mma(q, k_t, DOT_PRECISION, DOT_UPCAST), scale, softcap, HAS_SOFTCAP, FAST_TANH)
             visible = n_ok[None, :] & m_ok[:, None]
             if CAUSAL:
@@ -371,9 +400,13 @@ if _HAVE_TRITON:
                 v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                 mask=n_ok[:, None] & d_ok[None, :], other=0.0,
             )
+            if KV_SCALED:
+                v = v.to(q.dtype)
             acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
             m_i = m_new
 
+        if KV_SCALED:
+            acc = acc * tl.load(vs_ptr + kv_head).to(tl.float32)
         denom = l_i
         if HAS_SINKS:
             sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
@@ -448,6 +481,8 @@ def attention_triton(
     fused_reduce: bool = True,
     waves: Optional[float] = None,
     out: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the Triton kernels (decode for T == 1, prefill otherwise); returns `out`
     ([B, T, Hq, D], any strides; allocated when not given).
@@ -467,6 +502,8 @@ def attention_triton(
         window=int(window) if window is not None else 0,
         S=S, Hq=Hq, HEAD_DIM=D, GROUP=Hq // Hkv, BLOCK_D=block_d,
         HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
+        ks_ptr=k_scale if k_scale is not None else q, vs_ptr=v_scale if v_scale is not None else q,
+        KV_SCALED=k_scale is not None,
     )
     sinks_arg = sinks if sinks is not None else q  # never read when HAS_SINKS is False
     if T == 1:
@@ -549,7 +586,10 @@ def _launch_prefill(q, k_cache, v_cache, input_pos, sinks, out, common, causal, 
 # --------------------------------------------------------------------------------------
 # The public op
 # --------------------------------------------------------------------------------------
-def _check_shapes(q, k_cache, v_cache, input_pos, sinks, window):
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _check_shapes(q, k_cache, v_cache, input_pos, sinks, window, k_scale=None, v_scale=None):
     """Shape errors that would otherwise read out of bounds (host metadata only: no sync)."""
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
@@ -561,7 +601,19 @@ def _check_shapes(q, k_cache, v_cache, input_pos, sinks, window):
         raise ValueError(
             f"attention: q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)} "
             f"(head dim must match, batch <= cache rows, query heads a multiple of KV heads)")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("attention: pass both k_scale and v_scale (FP8 caches), or neither")
+    if k_cache.dtype in _FP8_DTYPES:
+        if k_scale is None or v_cache.dtype != k_cache.dtype:
+            raise ValueError(f"attention: an FP8 cache ({k_cache.dtype}, {v_cache.dtype}) needs k_scale and v_scale "
+                             f"(float32 [Hkv], a scale per KV head) and both caches in one format")
+        for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if sc.shape != (Hkv,) or not sc.is_floating_point():
+                raise ValueError(f"attention: {name} must be a float tensor [Hkv={Hkv}], "
+                                 f"got {sc.dtype} {tuple(sc.shape)}")
+    elif k_scale is not None:
+        raise ValueError(f"attention: k_scale/v_scale are for FP8 caches; these are {k_cache.dtype}")
+    elif not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(f"attention: q and the caches must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if input_pos.dim() != 1 or input_pos.numel() != T:
         raise ValueError(f"attention: input_pos must be a 1-D tensor of T={T} positions, got {tuple(input_pos.shape)}")
@@ -571,8 +623,10 @@ def _check_shapes(q, k_cache, v_cache, input_pos, sinks, window):
         raise ValueError(f"attention: window must be >= 1, got {window}")
 
 
-def _attention_impl(q, k_cache, v_cache, input_pos, scale, softcap, sinks, window, causal):
-    kwargs = dict(scale=scale, softcap=softcap, sinks=sinks, window=window, causal=causal)
+def _attention_impl(q, k_cache, v_cache, input_pos, scale, softcap, sinks, window, causal,
+                    k_scale=None, v_scale=None):
+    kwargs = dict(scale=scale, softcap=softcap, sinks=sinks, window=window, causal=causal,
+                  k_scale=k_scale, v_scale=v_scale)
     if _HAVE_TRITON and use_triton(q, k_cache, v_cache, input_pos):
         return attention_triton(q, k_cache, v_cache, input_pos, **kwargs)
     return attention_reference(q, k_cache, v_cache, input_pos, **kwargs)
@@ -589,12 +643,15 @@ def _attention_op(
     sinks: Optional[torch.Tensor],
     window: Optional[int],
     causal: bool,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return _attention_impl(q, k_cache, v_cache, input_pos, scale, softcap, sinks, window, causal)
+    return _attention_impl(q, k_cache, v_cache, input_pos, scale, softcap, sinks, window, causal, k_scale, v_scale)
 
 
 @_attention_op.register_fake
-def _attention_fake(q, k_cache, v_cache, input_pos, scale, softcap, sinks, window, causal):
+def _attention_fake(q, k_cache, v_cache, input_pos, scale, softcap, sinks, window, causal, k_scale=None,
+                    v_scale=None):
     return q.new_empty(q.shape)  # contiguous, q's dtype: what both implementations return
 
 
@@ -609,20 +666,23 @@ def attention(
     sinks: Optional[torch.Tensor] = None,
     window: Optional[int] = None,
     causal: bool = True,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of T new queries over a static KV cache; returns [B, T, Hq, D] in q's dtype.
 
     q: [B, T, Hq, D] rotated queries at positions input_pos (LongTensor[T] on q's device,
     contiguous positions shared by the batch). k_cache, v_cache: [Bmax, Hkv, S, D], rows
     0..B-1 filled for positions 0..input_pos[-1]; everything else may hold garbage.
-    See the module docstring for the masks, soft-cap and sinks. Runs the Triton kernels on
-    CUDA (or under TRITON_INTERPRET=1), the float32 reference elsewhere; goes through the
+    See the module docstring for the masks, soft-cap and sinks. FP8 caches (float8_e4m3fn or
+    float8_e5m2) need `k_scale` and `v_scale`, float32 [Hkv]: keys are k_cache * k_scale[h],
+    values v_cache * v_scale[h]. Runs the Triton kernels on CUDA (or under TRITON_INTERPRET=1), the float32 reference elsewhere; goes through the
     custom op `torch.ops.planlang.attention`, so it survives torch.compile and CUDA-graph
     capture (it never syncs with the host).
     """
-    _check_shapes(q, k_cache, v_cache, input_pos, sinks, window)
+    _check_shapes(q, k_cache, v_cache, input_pos, sinks, window, k_scale, v_scale)
     return torch.ops.planlang.attention(
         q, k_cache, v_cache, input_pos, float(scale),
         None if softcap is None else float(softcap), sinks,
-        None if window is None else int(window), bool(causal),
+        None if window is None else int(window), bool(causal), k_scale, v_scale,
     )

@@ -1,6 +1,7 @@
 """Rotary embedding of q and k fused with the write of k and v into a static KV cache.
 
-    rope_kvcache(q, k, v, cos, sin, k_cache, v_cache, input_pos) -> (q_rot, k_rot)
+    rope_kvcache(q, k, v, cos, sin, k_cache, v_cache, input_pos,
+                 k_scale=None, v_scale=None, kv_format="") -> (q_rot, k_rot)
 
 Shapes: q [B, T, Hq, D], k and v [B, T, Hkv, D] (the layout right after the projections'
 view; any strides with the last dimension contiguous), cos and sin [max_seq, D],
@@ -22,9 +23,12 @@ can be captured in a CUDA graph. A position outside [0, S) and [0, max_seq) writ
 cache entry and rotates to zeros in the kernel (the reference raises instead); repeated
 positions are undefined.
 
-Custom op: `planlang::rope_kvcache`, mutating `k_cache` and `v_cache`, with a fake
+Custom op: `planlang::rope_kvcache(q, k, v, cos, sin, k_cache, v_cache, input_pos,
+k_scale=None, v_scale=None, kv_format="")`, mutating `k_cache` and `v_cache`, with a fake
 implementation. Inference only.
 """
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -37,8 +41,33 @@ except Exception:  # ImportError, or a broken install raising anything
     triton = None
 
 
-def _check_shapes(q, k, v, cos, sin, k_cache, v_cache, input_pos) -> None:
-    """Shape checks only: nothing that reads device values (no host sync)."""
+_FP8 = {torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
+# format -> (largest finite value, mantissa bits, exponent of the smallest normal)
+_FP8_FORMAT = {"fp8_e4m3": (448.0, 3, -6), "fp8_e5m2": (57344.0, 2, -14)}
+_FP8_TORCH = {name: dtype for dtype, name in _FP8.items()}
+
+
+def kv_format_of(k_cache: Tensor, k_scale: Optional[Tensor], kv_format: str = "") -> str:
+    """The FP8 format the cache writes quantize to ("" for none), checked against the
+    cache's dtype and the scales (host metadata only)."""
+    stored = _FP8.get(k_cache.dtype, "")
+    if stored and kv_format and kv_format != stored:
+        raise ValueError(f"kv_format {kv_format!r} disagrees with the cache's dtype {k_cache.dtype}")
+    fmt = stored or kv_format
+    if fmt and fmt not in _FP8_FORMAT:
+        raise ValueError(f"unknown kv_format {fmt!r}; expected one of {', '.join(_FP8_FORMAT)}")
+    if fmt and k_scale is None:
+        raise ValueError(f"an {fmt} KV cache needs k_scale and v_scale (float32 [Hkv], a scale per KV head)")
+    if k_scale is not None and not fmt:
+        raise ValueError(f"k_scale/v_scale given for a {k_cache.dtype} cache; hint: pass kv_format "
+                         "(fp8_e4m3 | fp8_e5m2) to emulate an FP8 cache, or leave the scales out")
+    return fmt
+
+
+def _check_shapes(q, k, v, cos, sin, k_cache, v_cache, input_pos, k_scale=None, v_scale=None,
+                  kv_format: str = "") -> str:
+    """Shape checks only: nothing that reads device values (no host sync). Returns the FP8
+    format of the cache writes ("" for none)."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"expected q [B, T, Hq, D] and k, v [B, T, Hkv, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -55,6 +84,15 @@ def _check_shapes(q, k, v, cos, sin, k_cache, v_cache, input_pos) -> None:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
     if input_pos.shape != (t,) or input_pos.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_pos must be an integer tensor [{t}], got {input_pos.dtype} {tuple(input_pos.shape)}")
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("pass both k_scale and v_scale, or neither")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) differ in dtype")
+    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if sc is not None and (sc.shape != (k.shape[2],) or not sc.is_floating_point()):
+            raise ValueError(f"{name} must be a float tensor [Hkv={k.shape[2]}] (a scale per KV head), "
+                             f"got {sc.dtype} {tuple(sc.shape)}")
+    return kv_format_of(k_cache, k_scale, kv_format)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -64,21 +102,43 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def kv_quantize(x: Tensor, scale: Tensor, fmt: str, out_dtype: torch.dtype) -> Tensor:
+    """x [B, H, T, D] as an FP8 cache of dtype `out_dtype` stores it: the codes
+    fp8(clamp(x / scale[h], -fmax, fmax)), or for a wider dtype those codes times the scale."""
+    s = scale.float().view(1, -1, 1, 1)
+    fmax = _FP8_FORMAT[fmt][0]
+    codes = (x.float() / s).clamp(-fmax, fmax).to(_FP8_TORCH[fmt])
+    return codes if out_dtype == codes.dtype else (codes.float() * s).to(out_dtype)
+
+
+def _write(cache: Tensor, b: int, input_pos: Tensor, x: Tensor) -> None:
+    """cache[:b].index_copy_(2, input_pos, x), FP8 caches as bytes (index_copy_ has no FP8 kernels)."""
+    if cache.dtype in _FP8:
+        cache[:b].view(torch.uint8).index_copy_(2, input_pos, x.view(torch.uint8))
+    else:
+        cache[:b].index_copy_(2, input_pos, x)
+
+
 def rope_kvcache_reference(
     q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
     k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
+    k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None, kv_format: str = "",
 ) -> tuple[Tensor, Tensor]:
     """Plain PyTorch: rotate q and k at positions input_pos, `index_copy_` rotated k and raw
-    v into rows 0..B-1 of the caches along the sequence axis; returns (q_rot, k_rot)."""
-    _check_shapes(q, k, v, cos, sin, k_cache, v_cache, input_pos)
+    v (quantized with the scales, if given) into rows 0..B-1 of the caches along the sequence
+    axis; returns (q_rot, k_rot)."""
+    fmt = _check_shapes(q, k, v, cos, sin, k_cache, v_cache, input_pos, k_scale, v_scale, kv_format)
     c = cos[input_pos].float()[:, None, :]  # [T, 1, D]: broadcasts over batch and heads
     s = sin[input_pos].float()[:, None, :]
     q_rot = _rotate(q, c, s).to(q.dtype)
     k_rot = _rotate(k, c, s).to(k.dtype)
     b = q.shape[0]
     # [B, T, H, D] -> [B, H, T, D]; slicing [:b] is a view, so index_copy_ writes the cache.
-    k_cache[:b].index_copy_(2, input_pos, k_rot.transpose(1, 2).to(k_cache.dtype))
-    v_cache[:b].index_copy_(2, input_pos, v.transpose(1, 2).to(v_cache.dtype))
+    k_new, v_new = k_rot.transpose(1, 2), v.transpose(1, 2)
+    if fmt:
+        k_new, v_new = kv_quantize(k_new, k_scale, fmt, k_cache.dtype), kv_quantize(v_new, v_scale, fmt, v_cache.dtype)
+    _write(k_cache, b, input_pos, k_new.to(k_cache.dtype))
+    _write(v_cache, b, input_pos, v_new.to(v_cache.dtype))
     return q_rot.contiguous(), k_rot.contiguous()
 
 
@@ -94,12 +154,39 @@ if triton is not None:
         return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
 
     @triton.jit
+    def _kv_quant(x, scale, QUANT: tl.constexpr, E5M2: tl.constexpr, FMAX: tl.constexpr,
+                  MANT: tl.constexpr, EMIN: tl.constexpr, ROUND_IN_FP32: tl.constexpr):
+        """x (float32) as the cache stores it: QUANT 1, the FP8 codes of clamp(x / scale);
+        QUANT 2 (emulated), those codes times the scale (float32, cast by the store)."""
+        y = tl.math.div_rn(x, scale)  # IEEE division, as torch's x / scale
+        y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
+        if ROUND_IN_FP32:
+            # Round to the format's grid (nearest, ties to even) in float32, so the cast below
+            # is exact: Triton's interpreter (3.9) mis-rounds float32 -> fp8 when the mantissa
+            # carries into the exponent (126.4 became 64, not 128). Adding and subtracting
+            # 1.5 * 2^23 grid steps rounds to a multiple of the step; the step is
+            # 2^(max(exponent, EMIN) - MANT).
+            e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+            step = ((tl.maximum(e, EMIN) - MANT + 127) << 23).to(tl.float32, bitcast=True)
+            magic = step * 12582912.0
+            y = (y + magic) - magic
+        if E5M2:
+            codes = y.to(tl.float8e5)
+        else:
+            codes = y.to(tl.float8e4nv)
+        if QUANT == 2:
+            return codes.to(tl.float32) * scale
+        return codes
+
+    @triton.jit
     def _rope_kvcache_kernel(
-        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, qo_ptr, ko_ptr,
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, qo_ptr, ko_ptr, ks_ptr, vs_ptr,
         T, HQ, HKV, S, MAX_SEQ,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, s_cos, s_sin,
         skc_b, skc_h, skc_s, svc_b, svc_h, svc_s,
         HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+        QUANT: tl.constexpr = 0, E5M2: tl.constexpr = False, FMAX: tl.constexpr = 448.0,
+        MANT: tl.constexpr = 3, EMIN: tl.constexpr = -6, ROUND_IN_FP32: tl.constexpr = False,
     ):
         """One program per token (b, t): rotate its q heads and k heads, write q_rot and
         k_rot, and write k_rot and v into the caches at input_pos[t]."""
@@ -139,6 +226,10 @@ if triton is not None:
         tl.store(ko + HALF, k2, mask=kv_mask)
         cache_mask = (hk < HKV)[:, None] & cs_mask[None, :]
         kc = kc_ptr + b * skc_b + hk[:, None] * skc_h + pos * skc_s + d[None, :]
+        if QUANT != 0:  # an FP8 cache: a scale per KV head
+            ks = tl.load(ks_ptr + hk, mask=hk < HKV, other=1.0).to(tl.float32)[:, None]
+            k1 = _kv_quant(k1.to(tl.float32), ks, QUANT, E5M2, FMAX, MANT, EMIN, ROUND_IN_FP32)
+            k2 = _kv_quant(k2.to(tl.float32), ks, QUANT, E5M2, FMAX, MANT, EMIN, ROUND_IN_FP32)
         tl.store(kc, k1.to(kc_ptr.dtype.element_ty), mask=cache_mask)
         tl.store(kc + HALF, k2.to(kc_ptr.dtype.element_ty), mask=cache_mask)
 
@@ -146,6 +237,10 @@ if triton is not None:
         vp = v_ptr + b * sv_b + t * sv_t + hk[:, None] * sv_h + d[None, :]
         v1 = tl.load(vp, mask=kv_mask, other=0.0)
         v2 = tl.load(vp + HALF, mask=kv_mask, other=0.0)
+        if QUANT != 0:
+            vs = tl.load(vs_ptr + hk, mask=hk < HKV, other=1.0).to(tl.float32)[:, None]
+            v1 = _kv_quant(v1.to(tl.float32), vs, QUANT, E5M2, FMAX, MANT, EMIN, ROUND_IN_FP32)
+            v2 = _kv_quant(v2.to(tl.float32), vs, QUANT, E5M2, FMAX, MANT, EMIN, ROUND_IN_FP32)
         vc = vc_ptr + b * svc_b + hk[:, None] * svc_h + pos * svc_s + d[None, :]
         tl.store(vc, v1.to(vc_ptr.dtype.element_ty), mask=cache_mask)
         tl.store(vc + HALF, v2.to(vc_ptr.dtype.element_ty), mask=cache_mask)
@@ -159,9 +254,10 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 def rope_kvcache_triton(
     q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
     k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
+    k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None, kv_format: str = "",
 ) -> tuple[Tensor, Tensor]:
     """Triton launch of `rope_kvcache_reference`: one kernel for the whole step."""
-    _check_shapes(q, k, v, cos, sin, k_cache, v_cache, input_pos)
+    fmt = _check_shapes(q, k, v, cos, sin, k_cache, v_cache, input_pos, k_scale, v_scale, kv_format)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the caches' last dimension must be contiguous (they are written in place)")
     q, k, v, cos, sin = (_last_dim_contiguous(t) for t in (q, k, v, cos, sin))
@@ -174,8 +270,14 @@ def rope_kvcache_triton(
     half = dim // 2
     block_hq = triton.next_power_of_2(hq)
     heads_elems = (block_hq + triton.next_power_of_2(hkv)) * triton.next_power_of_2(half)
+    quant = {}
+    if fmt:
+        fmax, mant, emin = _FP8_FORMAT[fmt]
+        quant = dict(QUANT=1 if k_cache.dtype in _FP8 else 2, E5M2=fmt == "fp8_e5m2", FMAX=fmax, MANT=mant,
+                     EMIN=emin, ROUND_IN_FP32=q.device.type != "cuda")
     _rope_kvcache_kernel[(bsz * seq,)](
         q, k, v, cos, sin, k_cache, v_cache, input_pos, q_rot, k_rot,
+        k_scale if fmt else k_cache, v_scale if fmt else v_cache,
         seq, hq, hkv, k_cache.shape[2], cos.shape[0],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), cos.stride(0), sin.stride(0),
@@ -183,7 +285,7 @@ def rope_kvcache_triton(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_HQ=block_hq,
         BLOCK_HKV=triton.next_power_of_2(hkv),
-        num_warps=4 if heads_elems <= 2048 else 8,
+        num_warps=4 if heads_elems <= 2048 else 8, **quant,
     )
     return q_rot, k_rot
 
@@ -192,24 +294,28 @@ def rope_kvcache_triton(
 def rope_kvcache(
     q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
     k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
+    k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None, kv_format: str = "",
 ) -> tuple[Tensor, Tensor]:
     """Rotate q and k (HF rotate_half convention, float32 math) at positions input_pos, write
-    rotated k and raw v into k_cache / v_cache rows 0..B-1 at those positions (in place), and
-    return (q_rot, k_rot) as fresh [B, T, H, D] tensors. See the module docstring."""
+    rotated k and raw v into k_cache / v_cache rows 0..B-1 at those positions (in place;
+    FP8 caches quantized with the per-KV-head scales), and return (q_rot, k_rot) as fresh
+    [B, T, H, D] tensors. See the module docstring."""
+    args = (q, k, v, cos, sin, k_cache, v_cache, input_pos, k_scale, v_scale, kv_format)
     if use_triton(q, k, v, cos, sin, k_cache, v_cache, input_pos):
-        return rope_kvcache_triton(q, k, v, cos, sin, k_cache, v_cache, input_pos)
-    return rope_kvcache_reference(q, k, v, cos, sin, k_cache, v_cache, input_pos)
+        return rope_kvcache_triton(*args)
+    return rope_kvcache_reference(*args)
 
 
 # ----------------------------------------------------------------------------- custom op
 def _rope_kvcache_op(
     q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
     k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
+    k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None, kv_format: str = "",
 ) -> tuple[Tensor, Tensor]:
-    return rope_kvcache(q, k, v, cos, sin, k_cache, v_cache, input_pos)
+    return rope_kvcache(q, k, v, cos, sin, k_cache, v_cache, input_pos, k_scale, v_scale, kv_format)
 
 
-def _rope_kvcache_fake(q, k, v, cos, sin, k_cache, v_cache, input_pos):
+def _rope_kvcache_fake(q, k, v, cos, sin, k_cache, v_cache, input_pos, k_scale=None, v_scale=None, kv_format=""):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 

@@ -118,12 +118,30 @@ class KVCache(nn.Module):
 
     Empty (`None` buffers) until `allocate`; the buffers are not persistent, so they never
     reach a state dict or a checkpoint.
+
+    FP8 mode (`to_fp8`, what a precision rule on `:kv_cache` sets up): keys and values are
+    stored as FP8 codes with a float32 scale per KV head (`k_scale`, `v_scale` [n_kv_heads]).
+    A write stores `fp8(clamp(x.float() / scale[h], -fmax, fmax))` (round to nearest even,
+    saturating at the format's largest value: 448 for e4m3, 57344 for e5m2); `update`
+    returns the cache read back as `codes.float() * scale[h]` in the dtype of the keys
+    written. With `emulate=True` the cache stays in the compute dtype and holds those
+    dequantized values: the same numbers, no bytes saved. `observer(cache, k, v)`, when set,
+    sees every write before it happens (calibration and saturation counts); it is None in
+    normal runs.
     """
 
     def __init__(self):
         super().__init__()
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
+        self.register_buffer("k_scale", None, persistent=False)
+        self.register_buffer("v_scale", None, persistent=False)
+        self.fp8: Optional[str] = None  # "fp8_e4m3" | "fp8_e5m2" in FP8 mode
+        self.fp8_dtype: Optional[torch.dtype] = None
+        self.fmax = 0.0
+        self.emulate = False
+        self.observer: Optional[Callable] = None
+        self._compute_dtype: Optional[torch.dtype] = None  # what allocate was asked for
 
     @property
     def ready(self) -> bool:
@@ -133,16 +151,73 @@ class KVCache(nn.Module):
                  dtype: torch.dtype, device: torch.device) -> None:
         # Zeros, not empty: masked slots are multiplied by a zero probability, and 0 * NaN is NaN.
         shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
+        self._compute_dtype = dtype
+        if self.fp8 is not None:  # FP8 mode survives a new allocation (larger batch, other device)
+            if self.k_scale.shape != (n_kv_heads,):
+                raise ValueError(f"KVCache: {n_kv_heads} KV heads, but the FP8 scales hold "
+                                 f"{self.k_scale.shape[0]}; hint: calibrate the cache again (to_fp8)")
+            self.k_scale, self.v_scale = self.k_scale.to(device), self.v_scale.to(device)
+            dtype = dtype if self.emulate else self.fp8_dtype
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
+    def to_fp8(self, fmt: str, k_scale: torch.Tensor, v_scale: torch.Tensor, emulate: bool = False) -> None:
+        """Switch to FP8 storage (`fmt` fp8_e4m3 or fp8_e5m2) with per-KV-head scales [Hkv]
+        (positive). An allocated cache is allocated again, zeroed, in the new storage dtype
+        (its compute dtype kept for `emulate`)."""
+        from ..precision.formats import format_max, fp8_dtype
+        k_scale, v_scale = k_scale.detach().float().reshape(-1), v_scale.detach().float().reshape(-1)
+        if k_scale.shape != v_scale.shape or not bool((k_scale > 0).all() and (v_scale > 0).all()):
+            raise ValueError("KVCache.to_fp8: k_scale and v_scale must be positive [n_kv_heads] tensors")
+        if self.ready and k_scale.shape != (self.k_cache.shape[1],):
+            raise ValueError(f"KVCache.to_fp8: {k_scale.numel()} scales for {self.k_cache.shape[1]} KV heads")
+        if self.ready:
+            k_scale, v_scale = k_scale.to(self.k_cache.device), v_scale.to(self.k_cache.device)
+        self.fp8, self.fp8_dtype, self.fmax, self.emulate = fmt, fp8_dtype(fmt), format_max(fmt), bool(emulate)
+        self.k_scale, self.v_scale = k_scale.contiguous(), v_scale.contiguous()
+        if self.ready:
+            self.allocate(*self.k_cache.shape, self._compute_dtype, self.k_cache.device)
+
+    def to_compute_dtype(self) -> None:
+        """Leave FP8 storage: the cache holds keys and values in its compute dtype again
+        (allocated again, zeroed, when it was allocated)."""
+        if self.fp8 is None:
+            return
+        self.fp8, self.fp8_dtype, self.fmax, self.emulate = None, None, 0.0, False
+        self.k_scale = self.v_scale = None
+        if self.ready:
+            self.allocate(*self.k_cache.shape, self._compute_dtype, self.k_cache.device)
+
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x [B, Hkv, T, D] as the cache stores it: FP8 codes of clamp(x / scale[h]), or
+        (emulated) those codes times the scale in the cache's dtype."""
+        s = scale.view(1, -1, 1, 1)
+        q = (x.float() / s).clamp(-self.fmax, self.fmax).to(self.fp8_dtype)
+        if self.emulate:
+            return (q.float() * s).to(self.k_cache.dtype)
+        return q
+
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, Hkv, T, D] at positions `input_pos` [T]; return the caches' first B rows."""
+        """Write k, v [B, Hkv, T, D] at positions `input_pos` [T]; return the caches' first B rows
+        (FP8 mode: dequantized, in k's dtype)."""
+        if self.observer is not None:
+            self.observer(self, k, v)
         batch = k.shape[0]
         k_out, v_out = self.k_cache[:batch], self.v_cache[:batch]
-        k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
-        v_out.index_copy_(2, input_pos, v.to(v_out.dtype))
-        return k_out, v_out
+        if self.fp8 is None:
+            k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
+            v_out.index_copy_(2, input_pos, v.to(v_out.dtype))
+            return k_out, v_out
+        kq, vq = self.quantize(k, self.k_scale), self.quantize(v, self.v_scale)
+        if self.emulate:
+            k_out.index_copy_(2, input_pos, kq)
+            v_out.index_copy_(2, input_pos, vq)
+            return k_out, v_out
+        # index_copy_ has no FP8 kernels: the codes are copied as bytes.
+        k_out.view(torch.uint8).index_copy_(2, input_pos, kq.view(torch.uint8))
+        v_out.view(torch.uint8).index_copy_(2, input_pos, vq.view(torch.uint8))
+        k_scale, v_scale = self.k_scale.view(1, -1, 1, 1), self.v_scale.view(1, -1, 1, 1)
+        return (k_out.float() * k_scale).to(k.dtype), (v_out.float() * v_scale).to(v.dtype)
 
 
 def rope_tables(length: int, head_dim: int, theta: float, device=None):

@@ -27,8 +27,8 @@ def run_cli(args, capsys):
 def test_apply_quickstart_reports_every_fusion_and_matches_the_unplanned_model(capsys):
     # --max-error 0 cannot hold (the kernels round differently), so the same run also shows
     # the bound failing the command while the report is still complete.
-    code, out, err = run_cli(["apply", QUICK, "builtin:llama-tiny", "--context", "8", "--json", "--max-error", "0"],
-                             capsys)
+    code, out, err = run_cli(["apply", QUICK, "builtin:llama-tiny", "--context", "8", "--json", "--max-error", "0",
+                              "--eval-tokens", "0"], capsys)
     assert code == 1
     assert "exceeds --max-error" in err
     r = json.loads(out)
@@ -110,3 +110,18 @@ def test_planlang_lint_never_imports_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_apply_scores_the_evaluation_text_and_gates_on_agreement(tmp_path, capsys):
+    plan = tmp_path / "fp8emu.yaml"
+    plan.write_text("planlang: 1\ntarget: cpu\nprecision:\n  rules:\n"
+                    "    - {at: \"**:linear\", dtype: fp8_e4m3, emulate: true}\n")
+    args = ["apply", str(plan), "builtin:llama-tiny-trained", "--device", "cpu", "--context", "8",
+            "--eval-tokens", "300", "--json"]
+    code, out, err = run_cli(args + ["--min-agreement", "0.9"], capsys)
+    assert code == 0, err
+    acc = json.loads(out)["accuracy"]
+    assert acc["tokens"] == 299 and 0.9 <= acc["top1_agreement"] < 1.0
+    assert 0 < acc["kl"] < 0.05 and abs(acc["ppl_candidate"] / acc["ppl_reference"] - 1) < 0.05
+    code, out, err = run_cli(args + ["--min-agreement", "0.99999"], capsys)
+    assert code == 1 and "below --min-agreement" in err
