@@ -117,7 +117,7 @@ def cmd_apply(args) -> int:
 
     ref = _run_steps(model, prompt, steps)
     t_ref = _time_ms(lambda: _run_steps(model, prompt, steps), device, reps)
-    reference = ReferenceLogits(model, device, args.eval_tokens)
+    reference = ReferenceLogits(model, device, getattr(args, "eval_tokens", 1024))
     model.setup_caches(max(batch, plan.limits.max_batch or 1), max(prompt_len + steps + 1, plan.limits.max_seq_len or 0))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
