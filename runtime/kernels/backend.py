@@ -3,6 +3,16 @@
 Triton runs on CUDA devices, and on the CPU only under Triton's interpreter
 (`TRITON_INTERPRET=1`, set before the kernels are imported), which is how CI tests every
 kernel without a GPU. Everywhere else the plain-PyTorch reference runs and the report says so.
+
+Programmatic Dependent Launch (PDL, Hopper sm_90 and newer): `pdl_launch(device)` gives the
+launch arguments of a kernel that takes part. Such a kernel has a `USE_PDL` constexpr and,
+when it is set, calls `gdc_wait()` before it reads anything an earlier kernel wrote and before
+its first store or atomic (so it never overwrites what the kernel before still reads), then
+`gdc_launch_dependents()`; it may load constant data (weights) before the wait, so the
+weight stream overlaps the previous kernel's tail and the launch latency is hidden. Every
+program calls the wait (no early return before it): a kernel's completion then implies the
+completion of every kernel before it, whatever its neighbours are. Kernels without PDL (cuBLAS,
+torch's own) are launched as usual and order the stream fully.
 """
 from __future__ import annotations
 
@@ -44,6 +54,99 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if not tensors:
         return False
     return triton_available(tensors[0].device)[0]
+
+
+# PLANLANG_PDL=1 turns PDL on (where the device and Triton support it), 0 off; unset: the
+# default below. Off, as measured on an H100 (torch 2.11+cu130, triton 3.6): chains of these
+# kernels in one CUDA graph ran 7-15% faster with PDL (benchmarks/bench_pdl.py), but
+# `planlang bench` of llama-1b did not: bf16 batch 1 1.124 -> 1.130 ms, fp8 batch 1
+# 0.912 -> 0.939 ms, fp8 batch 16 1.234 -> 1.334 ms.
+PDL_ENV = "PLANLANG_PDL"
+PDL_DEFAULT = False
+_ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
+
+
+def _pdl_setting() -> bool:
+    raw = os.environ.get(PDL_ENV, "").strip().lower()
+    if raw in _ON:
+        return True
+    if raw in _OFF:
+        return False
+    if raw:
+        raise ValueError(f"environment variable {PDL_ENV}={os.environ[PDL_ENV]!r}: expected 0 or 1; "
+                         f"hint: unset it for the default ({'on' if PDL_DEFAULT else 'off'} on sm_90+)")
+    return PDL_DEFAULT
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_support(index: int) -> tuple[bool, str]:
+    ok, why = triton_importable()
+    if not ok:
+        return False, why
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except Exception as exc:
+        return False, f"this triton has no grid dependency control ({type(exc).__name__}: {exc})"
+    if "launch_pdl" not in getattr(CUDAOptions, "__dataclass_fields__", {}):
+        return False, "this triton cannot launch kernels with PDL (no launch_pdl option)"
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 9:
+        return False, f"PDL needs sm_90 or newer; cuda:{index} is sm_{major}{minor}"
+    cuda = tuple(int(p) for p in (torch.version.cuda or "0.0").split(".")[:2])
+    if cuda < (12, 3):  # CUDA graphs keep programmatic edges from 12.3 on
+        return False, f"PDL inside CUDA graphs needs CUDA 12.3+; torch is built for {torch.version.cuda}"
+    return True, f"PDL on (sm_{major}{minor}, {why})"
+
+
+def pdl_status(device: torch.device | str) -> tuple[bool, str]:
+    """Whether kernels on `device` launch with PDL, and why (not). Raises ValueError for a
+    PLANLANG_PDL value other than 0 / 1 (or off / on, false / true, no / yes)."""
+    wanted = _pdl_setting()
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"PDL needs a CUDA device, not {device.type!r}"
+    if interpreter_on():
+        return False, "Triton's interpreter runs the kernels"
+    if not wanted:
+        return False, f"PDL is off ({PDL_ENV}={os.environ[PDL_ENV]})" if os.environ.get(PDL_ENV, "").strip() \
+            else f"PDL is off by default ({PDL_ENV}=1 turns it on)"
+    return _pdl_support(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_enabled(device: torch.device | str) -> bool:
+    """True when kernels on `device` launch with Programmatic Dependent Launch: a CUDA device
+    of sm_90+, a Triton with grid dependency control and the `launch_pdl` option, not the
+    interpreter, and not turned off by PLANLANG_PDL=0."""
+    return pdl_status(device)[0]
+
+
+def pdl_launch(device: torch.device | str) -> dict:
+    """Launch arguments of a kernel with a `USE_PDL` constexpr: `USE_PDL` and, when on,
+    Triton's `launch_pdl=True` (left out otherwise, so older Triton versions never see it)."""
+    if pdl_enabled(device):
+        return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": False}
+
+
+@functools.lru_cache(maxsize=None)
+def gdc_functions():
+    """(gdc_wait, gdc_launch_dependents) for use inside kernels: Triton's grid dependency
+    control, or no-op jit functions where this Triton has none (kernels call them only under
+    `USE_PDL`, which `pdl_launch` never sets there)."""
+    import triton
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+        return gdc_wait, gdc_launch_dependents
+    except Exception:
+        @triton.jit
+        def _no_wait():
+            pass
+
+        @triton.jit
+        def _no_launch():
+            pass
+        return _no_wait, _no_launch
 
 
 def register_op(name: str, fn, fake, mutates_args=()):

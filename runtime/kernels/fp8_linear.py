@@ -40,6 +40,10 @@ pass over a row or a block; per_tensor adds a per-row amax pass), then `torch._s
 the scale layout, the dtypes and the shape (probed once), else the same Triton kernels on the
 fp8 x (upcast to bf16 in registers, exact).
 
+With PDL (sm_90+, `backend.pdl_launch`) every kernel waits for the kernel before it before
+reading x or storing (the split-K arrival counters included); the GEMV loads its first weight
+tile(s) before that wait.
+
 Custom ops: `planlang::fp8_linear(x, wq, w_scale, bias, block_size, act)` and
 `planlang::fp8_linear_dynamic(x, wq, w_scale, bias, act_mode, block_size, act)`, with fake
 implementations. No host synchronization; buffers are allocated by shape only (CUDA-graph
@@ -55,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import interpreter_on, register_op, use_triton
+from .backend import gdc_functions, interpreter_on, pdl_launch, register_op, use_triton
 from .qkv import k_per_split
 from .swiglu import ACTS, _act_code
 
@@ -63,6 +67,7 @@ try:  # the module must import without triton; then only the reference runs
     import triton
     import triton.language as tl
     from .swiglu import _act_fp32
+    gdc_wait, gdc_launch_dependents = gdc_functions()
 except Exception:  # ImportError, or a broken install raising anything
     triton = None
 
@@ -365,19 +370,44 @@ if triton is not None:
                     tl.store(out_ptr + offs_n, gate.to(out_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
+    def _fp8_gemv_tile(
+        acc_g, acc_u, wg, wu, x_ptr, xs_ptr, s_gate, s_up, offs_k, k_mask, w_mask, BS,
+        W_SCALE: tl.constexpr, X_SCALE: tl.constexpr, GATE_UP: tl.constexpr, FAST_CVT: tl.constexpr,
+        E5M2: tl.constexpr,
+    ):
+        """One K tile of `_fp8_gemv_kernel`: the loaded weight tiles wg (and wu) times x's
+        tile, added to the fp32 partials. Block scales are gathered per element."""
+        xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        if X_SCALE == 2:  # per-block activation scale, per element
+            xk = xk * tl.load(xs_ptr + offs_k // BS, mask=k_mask, other=0.0)
+        if W_SCALE == 2:
+            sg = tl.load(s_gate[:, None] + offs_k[None, :] // BS, mask=w_mask, other=0.0)
+            acc_g += _fp8_to_f32(wg, FAST_CVT, E5M2) * (xk[None, :] * sg)
+        else:
+            acc_g += _fp8_to_f32(wg, FAST_CVT, E5M2) * xk[None, :]
+        if GATE_UP:
+            if W_SCALE == 2:
+                su = tl.load(s_up[:, None] + offs_k[None, :] // BS, mask=w_mask, other=0.0)
+                acc_u += _fp8_to_f32(wu, FAST_CVT, E5M2) * (xk[None, :] * su)
+            else:
+                acc_u += _fp8_to_f32(wu, FAST_CVT, E5M2) * xk[None, :]
+        return acc_g, acc_u
+
+    @triton.jit
     def _fp8_gemv_kernel(
         x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, counter_ptr,
         N, K, stride_wn, stride_wsn, stride_split, k_per_split, BS,
         W_SCALE: tl.constexpr, X_SCALE: tl.constexpr, ACT: tl.constexpr,
         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr,
         FAST_CVT: tl.constexpr, E5M2: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """out[n] = scale * (Wq[n] . x) for one row x and this program's BLOCK_N outputs, on
         CUDA cores: [BLOCK_N, BLOCK_K] fp8 tiles of whole rows, upcast to fp32, multiplied by
         x into fp32 partials that are reduced over K once, at the end. ACT >= 0: the rows n
         (gate) and N + n (up) both, act(gate) * up stored. Block scales here (block sizes
-        that fit no tile, see `_fp8_gemv_block_kernel`) are gathered per element."""
+        that fit no tile, see `_fp8_gemv_block_kernel`) are gathered per element. The first
+        weight tiles are loaded first: with USE_PDL while waiting for the kernel that writes x."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         GATE_UP: tl.constexpr = ACT >= 0
@@ -390,26 +420,28 @@ if triton is not None:
         k_lo = pid_k * k_per_split
         acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in tl.range(0, k_per_split, BLOCK_K, num_stages=STAGES):
+        offs_k = k_lo + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        wg = tl.load(w_gate + offs_k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+        wu = wg
+        if GATE_UP:
+            wu = tl.load(w_up + offs_k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        acc_g, acc_u = _fp8_gemv_tile(acc_g, acc_u, wg, wu, x_ptr, xs_ptr, s_gate, s_up, offs_k, k_mask, w_mask,
+                                      BS, W_SCALE, X_SCALE, GATE_UP, FAST_CVT, E5M2)
+        for k0 in tl.range(BLOCK_K, k_per_split, BLOCK_K, num_stages=STAGES):
             offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             w_mask = n_mask[:, None] & k_mask[None, :]
-            xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            if X_SCALE == 2:  # per-block activation scale, per element
-                xk = xk * tl.load(xs_ptr + offs_k // BS, mask=k_mask, other=0.0)
             wg = tl.load(w_gate + offs_k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-            if W_SCALE == 2:
-                sg = tl.load(s_gate[:, None] + offs_k[None, :] // BS, mask=w_mask, other=0.0)
-                acc_g += _fp8_to_f32(wg, FAST_CVT, E5M2) * (xk[None, :] * sg)
-            else:
-                acc_g += _fp8_to_f32(wg, FAST_CVT, E5M2) * xk[None, :]
+            wu = wg
             if GATE_UP:
                 wu = tl.load(w_up + offs_k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-                if W_SCALE == 2:
-                    su = tl.load(s_up[:, None] + offs_k[None, :] // BS, mask=w_mask, other=0.0)
-                    acc_u += _fp8_to_f32(wu, FAST_CVT, E5M2) * (xk[None, :] * su)
-                else:
-                    acc_u += _fp8_to_f32(wu, FAST_CVT, E5M2) * xk[None, :]
+            acc_g, acc_u = _fp8_gemv_tile(acc_g, acc_u, wg, wu, x_ptr, xs_ptr, s_gate, s_up, offs_k, k_mask,
+                                          w_mask, BS, W_SCALE, X_SCALE, GATE_UP, FAST_CVT, E5M2)
         _gemv_finish(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), pid_n, pid_k, offs_n, n_mask, N, ws_ptr,
                      xs_ptr, b_ptr, out_ptr, part_ptr, counter_ptr, stride_split,
                      W_SCALE, X_SCALE, ACT, HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N)
@@ -422,11 +454,16 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr,
         FAST_CVT: tl.constexpr, E5M2: tl.constexpr,
         BLOCK_N: tl.constexpr, NB: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         """The one-row GEMV with block scales (weight blocks and/or per-block x): the K tile is
         [NB, SUB], NB sub-blocks of SUB columns that each lie in one scale block of BS (SUB ==
         BS, or NB == 1 inside a larger block), so a tile as large as the plain GEMV's takes one
-        scale per (row, sub-block), broadcast over SUB, instead of a gather per element."""
+        scale per (row, sub-block), broadcast over SUB, instead of a gather per element.
+        USE_PDL: waits for the previous kernel first."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         GATE_UP: tl.constexpr = ACT >= 0
@@ -479,6 +516,7 @@ if triton is not None:
         ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr,
         W_AS_A: tl.constexpr, CDT: tl.constexpr, PRECISION: tl.constexpr, FAST_CVT: tl.constexpr, E5M2: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         """out[m-block, n-block] = scale * (x @ Wq.T) with tl.dot on tiles upcast to CDT (exact
         for fp8 weights, and for fp8 x in the dynamic path), fp32 accumulation. W_AS_A: the
@@ -487,7 +525,11 @@ if triton is not None:
         the tiles are scaled per element in fp32 and multiplied in IEEE fp32 (block sizes
         that are no multiple of 16). ACT >= 0: gate (rows n) and up (rows N + n), act-mul in
         the epilogue. SPLIT_K > 1: scaled partials to part[pid_k]; FUSED_REDUCE: the last
-        split of this tile to arrive sums them, else `_fp8_reduce_kernel` does."""
+        split of this tile to arrive sums them, else `_fp8_reduce_kernel` does. USE_PDL: waits
+        for the previous kernel first (the pipelined loop reads x and w together)."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         GATE_UP: tl.constexpr = ACT >= 0
@@ -645,8 +687,12 @@ if triton is not None:
     def _fp8_reduce_kernel(
         part_ptr, b_ptr, out_ptr, N, stride_split, stride_pm, stride_om,
         ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         """out[row, cols] = epilogue(sum over splits of the scaled partials): bias, act-mul."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         row = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -670,12 +716,15 @@ if triton is not None:
         x_ptr, q_ptr, s_ptr, amax_ptr, K, stride_xm, stride_qm, n_amax, FMAX, EPS,
         FROM_AMAX: tl.constexpr, STORE_Q: tl.constexpr, ONE_PASS: tl.constexpr,
         MANT: tl.constexpr, MIN_EXP: tl.constexpr, EXACT_CAST: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """One row: amax (of the row; FROM_AMAX: the max of n_amax per-row amaxes, the
         per-tensor case), scale = max(amax, EPS) / FMAX, q = clamp(x / scale) in fp8.
         STORE_Q False: only the row's amax goes to amax_ptr (the per-tensor first pass).
         ONE_PASS: the row fits one tile, read once."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_xm
         offs = tl.arange(0, BLOCK_K)
@@ -713,8 +762,12 @@ if triton is not None:
     def _quantize_blocks_kernel(
         x_ptr, q_ptr, s_ptr, K, BS, stride_xm, stride_qm, stride_sm, FMAX, EPS,
         MANT: tl.constexpr, MIN_EXP: tl.constexpr, EXACT_CAST: tl.constexpr, BLOCK: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         """One (row, K-block): scale = max(amax, EPS) / FMAX over the block, q = clamp(x / scale)."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         kb = tl.program_id(1)
         offs = kb * BS + tl.arange(0, BLOCK)
@@ -947,7 +1000,7 @@ def _launch_gemv(x1: Tensor, xs: Tensor, x_scale: int, wq: Tensor, w_scale: Tens
                   HAS_BIAS=bias is not None, SPLIT_K=split_k, FUSED_REDUCE=fused,
                   FAST_CVT=cfg.fast_cvt and x1.device.type == "cuda", E5M2=wq.dtype == torch.float8_e5m2,
                   BLOCK_N=cfg.block_n,
-                  STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+                  STAGES=cfg.num_stages, num_warps=cfg.num_warps, **pdl_launch(x1.device))
     if needs_blocks and sub:
         _fp8_gemv_block_kernel[grid](*args, NB=block_k // sub, SUB=sub, **common)
     else:
@@ -961,7 +1014,8 @@ def _launch_reduce(part: Tensor, bias: Optional[Tensor], act: Optional[str], out
     block = min(1024, triton.next_power_of_2(n_out))
     _fp8_reduce_kernel[(m, triton.cdiv(n_out, block))](
         part, bias if bias is not None else part, out2, n_out, part.stride(0), part.stride(1), out2.stride(0),
-        ACT=ACTS[act] if act else -1, HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_N=block, num_warps=4)
+        ACT=ACTS[act] if act else -1, HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_N=block, num_warps=4,
+        **pdl_launch(part.device))
 
 
 def _launch_gemm(x2: Tensor, xs: Tensor, x_scale: int, wq: Tensor, w_scale: Tensor, w_kind: str, block_size: int,
@@ -988,7 +1042,8 @@ def _launch_gemm(x2: Tensor, xs: Tensor, x_scale: int, wq: Tensor, w_scale: Tens
         TILE_SCALE=tile, ACT=ACTS[act] if act else -1, HAS_BIAS=bias is not None, SPLIT_K=split_k,
         FUSED_REDUCE=fused, W_AS_A=cfg.w_as_a, CDT=cdt, PRECISION=precision,
         FAST_CVT=cfg.fast_cvt and x2.device.type == "cuda", E5M2=wq.dtype == torch.float8_e5m2,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pdl_launch(x2.device),
     )
     if split_k > 1 and not fused:
         _launch_reduce(part, bias, act, out2, split_k)
@@ -1062,7 +1117,7 @@ def quantize_activation_triton(
     fmax = _fmax(dtype)
     # The fp8 grid: e4m3 has 3 mantissa bits and normals from 2^-6, e5m2 2 bits and 2^-14.
     grid_args = dict(MANT=3 if dtype == torch.float8_e4m3fn else 2, MIN_EXP=-6 if dtype == torch.float8_e4m3fn else -14,
-                     EXACT_CAST=interpreter_on() and x.device.type == "cpu")
+                     EXACT_CAST=interpreter_on() and x.device.type == "cpu", **pdl_launch(x.device))
     if act_mode == "per_block":
         nkb = triton.cdiv(k, block_size)
         scale = torch.empty((m, nkb), dtype=torch.float32, device=x.device)

@@ -11,6 +11,10 @@ dispatched by the number of rows (measured on an H100, Llama-1B decode shapes):
     Llama-1B linear shape);
   - more rows: torch's matmul (cuBLAS), already at its best there.
 
+Programmatic Dependent Launch (sm_90+, `backend.pdl_launch`): every kernel here waits for
+the kernel before it (`gdc_wait`) before reading x or storing; the GEMV loads its first
+weight tile before that wait, so the weight stream starts while the previous kernel ends.
+
 Custom ops: `planlang::linear(x, w, bias) -> out` and `planlang::qkv_linear(x, w_qkv, bias)
 -> fused out` (a custom op may not return views of one tensor, so the split into q, k, v is
 `split_qkv`, done outside the op where Dynamo traces it). Nothing synchronizes with the
@@ -24,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import interpreter_on, use_triton, register_op
+from .backend import gdc_functions, interpreter_on, pdl_launch, use_triton, register_op
 
 try:  # the module must import without triton; then only the reference runs
     import triton
     import triton.language as tl
+    gdc_wait, gdc_launch_dependents = gdc_functions()
 except Exception:  # ImportError, or a broken install raising anything
     triton = None
 
@@ -87,10 +92,14 @@ if triton is not None:
         x_ptr, w_ptr, b_ptr, out_ptr,
         M, N, K, stride_xm, stride_wn, stride_om, stride_split, k_per_split,
         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """out[:M, n-block] = x @ w[n-block].T over this program's K range. With SPLIT_K > 1
-        the fp32 partial goes to out[pid_k] (a workspace) and `_splitk_reduce_kernel` ends."""
+        the fp32 partial goes to out[pid_k] (a workspace) and `_splitk_reduce_kernel` ends.
+        USE_PDL: waits for the previous kernel first (the pipelined loop reads x and w together)."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -130,22 +139,32 @@ if triton is not None:
         x_ptr, w_ptr, b_ptr, out_ptr,
         N, K, stride_wn, stride_split, k_per_split,
         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        STAGES: tl.constexpr,
+        STAGES: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """out[n-block] = w[n-block] @ x for ONE row x, on CUDA cores: tl.dot needs 16 rows,
         which would pad 15 of them and route the weight through shared memory. The weight
         streams as [BLOCK_N, BLOCK_K] tiles of whole 16-byte vectors along its rows; the fp32
         partial products stay [BLOCK_N, BLOCK_K] and are reduced over K once, at the end.
-        SPLIT_K > 1: the fp32 partial goes to out[pid_k] (a workspace) for the reduce kernel."""
+        SPLIT_K > 1: the fp32 partial goes to out[pid_k] (a workspace) for the reduce kernel.
+        The first weight tile is loaded before anything else: with USE_PDL that load is in
+        flight while the program waits for the kernel that writes x."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
         k_lo = pid_k * k_per_split
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        offs_k = k_lo + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        wt = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                     eviction_policy="evict_first")
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        acc = wt.to(tl.float32) * xk[None, :]
         # STAGES > 1: the weight tiles of the next iterations stream into shared memory meanwhile.
-        for k0 in tl.range(0, k_per_split, BLOCK_K, num_stages=STAGES):
+        for k0 in tl.range(BLOCK_K, k_per_split, BLOCK_K, num_stages=STAGES):
             offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
@@ -164,9 +183,13 @@ if triton is not None:
     def _splitk_reduce_kernel(
         ws_ptr, b_ptr, out_ptr, M, N, stride_split, stride_wm, stride_om,
         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         """out = sum over splits of the fp32 partials (+ bias), cast to out's dtype. A fixed
         summation order, so results do not vary between runs (no atomics)."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -309,8 +332,9 @@ def linear_triton(
     b = bias.contiguous() if bias is not None else w  # a dummy pointer when there is no bias
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
     upcast = dot_needs_upcast(x.dtype)
+    pdl = pdl_launch(x.device)
     common = dict(IEEE=x.dtype == torch.float32 or upcast, UPCAST=upcast, BLOCK_M=_BLOCK_M, BLOCK_N=cfg.block_n,
-                  BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
     if cfg.split_k == 1:
         _skinny_gemm_kernel[grid](x2, w, b, out, m, n, k, x2.stride(0), w.stride(0), out.stride(0), 0, kps,
                                   HAS_BIAS=bias is not None, SPLIT_K=1, **common)
@@ -320,7 +344,7 @@ def linear_triton(
                                   ws.stride(0), kps, HAS_BIAS=False, SPLIT_K=cfg.split_k, **common)
         _splitk_reduce_kernel[(triton.cdiv(n, 128),)](
             ws, b, out, m, n, ws.stride(0), ws.stride(1), out.stride(0),
-            HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_M=_BLOCK_M, BLOCK_N=128, num_warps=4)
+            HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_M=_BLOCK_M, BLOCK_N=128, num_warps=4, **pdl)
     return out.view(*x.shape[:-1], n)
 
 
@@ -343,7 +367,8 @@ def gemv_triton(
     kps = k_per_split(k, cfg.block_k, cfg.split_k)
     b = bias.contiguous() if bias is not None else w  # a dummy pointer when there is no bias
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
-    common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+    pdl = pdl_launch(x.device)
+    common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps, **pdl)
     if cfg.split_k == 1:
         _gemv_kernel[grid](x1, w, b, out, n, k, w.stride(0), 0, kps, HAS_BIAS=bias is not None, SPLIT_K=1,
                            **common)
@@ -353,7 +378,7 @@ def gemv_triton(
                            SPLIT_K=cfg.split_k, **common)
         _splitk_reduce_kernel[(triton.cdiv(n, 128),)](
             ws, b, out, 1, n, ws.stride(0), ws.stride(1), n,
-            HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_M=1, BLOCK_N=128, num_warps=4)
+            HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_M=1, BLOCK_N=128, num_warps=4, **pdl)
     return out.view(*x.shape[:-1], n)
 
 

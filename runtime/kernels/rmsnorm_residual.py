@@ -12,6 +12,10 @@ offset)` returns `h` of `x` itself. Rows may have any leading shape; the norm ru
 last dimension. The kernel makes a single pass over HBM: it reads x, r and w once and writes
 s and h once (for hidden sizes above 8192 a looped two-pass kernel reads s back, from L2).
 
+With PDL (sm_90+, `backend.pdl_launch`) the kernels wait for the kernel before them before
+reading x and r or storing (the rows kernel loads the weight first) and let the next kernel
+(a GEMV that loads its weights meanwhile) launch at once.
+
 Both ops are registered as torch custom ops (`planlang::rmsnorm_residual`,
 `planlang::rmsnorm`) with fake implementations, so a rewritten graph keeps them through
 torch.compile and CUDA-graph capture. Nothing here synchronizes with the host. Inference
@@ -24,11 +28,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import use_triton, register_op
+from .backend import gdc_functions, pdl_launch, use_triton, register_op
 
 try:  # the module must import without triton; then only the reference runs
     import triton
     import triton.language as tl
+    gdc_wait, gdc_launch_dependents = gdc_functions()
 except Exception:  # ImportError, or a broken install raising anything
     triton = None
 
@@ -65,13 +70,20 @@ if triton is not None:
         n_rows, n_cols, stride_x, stride_r, stride_s, stride_h,
         eps, offset,
         HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STORE_CACHE: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
-        """BLOCK_M whole rows per program, each row held in registers: one HBM pass."""
+        """BLOCK_M whole rows per program, each row held in registers: one HBM pass. With
+        USE_PDL the weight (constant) is loaded first, while waiting for the kernel that
+        writes x and r."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         col_mask = cols < n_cols
         mask = (rows < n_rows)[:, None] & col_mask[None, :]
         rows = rows.to(tl.int64)  # row * stride can pass 2**31 elements
+        if USE_PDL:
+            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0, eviction_policy="evict_last")
+            gdc_wait()
+            gdc_launch_dependents()
         # x and r are streamed once: let them leave L2 first; w is reread by every program.
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0,
                     eviction_policy="evict_first")
@@ -85,7 +97,8 @@ if triton is not None:
         else:
             sf = x.to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(sf * sf, axis=1) / n_cols + eps)
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0, eviction_policy="evict_last")
+        if not USE_PDL:  # loaded here, it is not held in registers across the loads and the sum
+            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0, eviction_policy="evict_last")
         h = (sf * rstd[:, None]) * (offset + w.to(tl.float32))[None, :]
         tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=mask, cache_modifier=STORE_CACHE)
@@ -95,10 +108,13 @@ if triton is not None:
         x_ptr, r_ptr, w_ptr, s_ptr, h_ptr,
         n_cols, stride_x, stride_r, stride_s, stride_h,
         eps, offset,
-        HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """One row per program in BLOCK_N chunks: pass 1 writes s and sums squares, pass 2
         rereads s (just written, so from L2) and writes h. For rows too wide for registers."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_x
         r_row = r_ptr + row * stride_r
@@ -207,15 +223,16 @@ def rmsnorm_residual_triton(
     strides = (x2.stride(0), r2.stride(0), s2.stride(0), h2.stride(0), float(eps), float(offset))
     has_res = residual is not None
     block_n = triton.next_power_of_2(n_cols)
+    pdl = pdl_launch(x.device)
     if block_n > MAX_FUSED_BLOCK:
         _rmsnorm_looped_kernel[(n_rows,)](*args, n_cols, *strides, HAS_RESIDUAL=has_res,
-                                          BLOCK_N=LOOP_BLOCK, num_warps=config.num_warps if config else 8)
+                                          BLOCK_N=LOOP_BLOCK, num_warps=config.num_warps if config else 8, **pdl)
         return s, h
     cfg = config or norm_config(n_rows, n_cols)
     rows = cfg.rows_per_program
     _rmsnorm_rows_kernel[(triton.cdiv(n_rows, rows),)](
         *args, n_rows, n_cols, *strides, HAS_RESIDUAL=has_res, BLOCK_M=rows, BLOCK_N=block_n,
-        STORE_CACHE=cfg.store_cache, num_warps=cfg.num_warps)
+        STORE_CACHE=cfg.store_cache, num_warps=cfg.num_warps, **pdl)
     return s, h
 
 

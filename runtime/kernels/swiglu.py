@@ -17,6 +17,9 @@ and a product (1.25-1.33x the unfused MLP input at decode on an H100, ~1.1x at p
 that the swiglu fusion pass builds (gate row n and up row n are F rows apart, each read as
 its own contiguous stream; the one-row kernel reaches 2.6-2.8 TB/s without interleaving them).
 
+With PDL (sm_90+, `backend.pdl_launch`) the kernels wait for the kernel before them before
+reading x or storing; the one-row GEMV loads its first gate and up tiles before that wait.
+
 Custom ops: `planlang::act_mul(gate_up, act)` and `planlang::swiglu_linear(x, w13, act)`, with
 fake implementations. Nothing synchronizes with the host. Inference only.
 """
@@ -26,13 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import use_triton, register_op
+from .backend import gdc_functions, pdl_launch, use_triton, register_op
 from .qkv import (SKINNY_MAX_M, SKINNY_TUNED, GemvConfig, SkinnyConfig, dot_needs_upcast, gemv_config,
                   k_per_split, skinny_config)
 
 try:  # the module must import without triton; then only the reference runs
     import triton
     import triton.language as tl
+    gdc_wait, gdc_launch_dependents = gdc_functions()
 except Exception:  # ImportError, or a broken install raising anything
     triton = None
 
@@ -97,10 +101,13 @@ if triton is not None:
     @triton.jit
     def _act_mul_kernel(
         gu_ptr, out_ptr, F_, stride_gu_split, stride_gu_m, stride_out_m,
-        N_SPLIT: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+        N_SPLIT: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """out[row, cols] = act(gate) * up. gate/up are summed over N_SPLIT stacked partials
         first (1 for a plain act-mul; more to finish a split-K skinny GEMM)."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < F_
@@ -118,12 +125,16 @@ if triton is not None:
         x_ptr, w_ptr, out_ptr,
         M, F_, K, stride_xm, stride_wn, stride_om, stride_split, k_per_split,
         ACT: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """For output columns n of this program: gate = x @ W1[n].T and up = x @ W3[n].T
         (W3 rows start F_ rows after W1's), fp32 accumulation. SPLIT_K == 1: store
         act(gate) * up. Otherwise store the fp32 partials [gate | up] in out[pid_k] (a
-        workspace) for `_act_mul_kernel` to sum and finish."""
+        workspace) for `_act_mul_kernel` to sum and finish. USE_PDL: waits for the previous
+        kernel first (the pipelined loop reads x and w together)."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -170,12 +181,14 @@ if triton is not None:
         x_ptr, w_ptr, out_ptr,
         F_, K, stride_wn, stride_split, k_per_split,
         ACT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        STAGES: tl.constexpr,
+        STAGES: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """The one-row case on CUDA cores (see qkv._gemv_kernel): gate = W1[n] @ x and up =
         W3[n] @ x for this program's BLOCK_N columns, each from [BLOCK_N, BLOCK_K] tiles of
         whole rows, fp32 partials reduced over K at the end. SPLIT_K == 1: store act(gate) *
-        up. Otherwise store the fp32 partials [gate | up] in out[pid_k] for `_act_mul_kernel`."""
+        up. Otherwise store the fp32 partials [gate | up] in out[pid_k] for `_act_mul_kernel`.
+        The first gate and up tiles are loaded first: with USE_PDL while the program waits
+        for the kernel that writes x."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,10 +196,19 @@ if triton is not None:
         w_gate = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
         w_up = w_gate + F_ * stride_wn
         k_lo = pid_k * k_per_split
-        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        offs_k = k_lo + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        wg = tl.load(w_gate + offs_k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+        wu = tl.load(w_up + offs_k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        acc_g = wg.to(tl.float32) * xk
+        acc_u = wu.to(tl.float32) * xk
         # STAGES > 1: the weight tiles of the next iterations stream into shared memory meanwhile.
-        for k0 in tl.range(0, k_per_split, BLOCK_K, num_stages=STAGES):
+        for k0 in tl.range(BLOCK_K, k_per_split, BLOCK_K, num_stages=STAGES):
             offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             w_mask = n_mask[:, None] & k_mask[None, :]
@@ -211,7 +233,7 @@ def _launch_act_mul(gu2: Tensor, out2: Tensor, act_code: int, n_split: int, stri
     block = min(_ACT_MUL_BLOCK, triton.next_power_of_2(f))
     grid = (m, triton.cdiv(f, block))
     _act_mul_kernel[grid](gu2, out2, f, stride_split, gu2.stride(-2), out2.stride(0),
-                          N_SPLIT=n_split, ACT=act_code, BLOCK=block, num_warps=4)
+                          N_SPLIT=n_split, ACT=act_code, BLOCK=block, num_warps=4, **pdl_launch(gu2.device))
 
 
 def act_mul_triton(gate_up: Tensor, act: str = "silu") -> Tensor:
@@ -254,7 +276,7 @@ def swiglu_skinny_triton(
     grid = (triton.cdiv(f, cfg.block_n), cfg.split_k)
     common = dict(ACT=code, IEEE=x.dtype == torch.float32 or upcast, UPCAST=upcast, BLOCK_M=_BLOCK_M,
                   BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+                  num_stages=cfg.num_stages, **pdl_launch(x.device))
     if cfg.split_k == 1:
         _gate_up_skinny_kernel[grid](x2, w13, out, m, f, k, x2.stride(0), w13.stride(0), out.stride(0),
                                      0, kps, SPLIT_K=1, **common)
@@ -286,7 +308,7 @@ def swiglu_gemv_triton(
     kps = k_per_split(k, cfg.block_k, cfg.split_k)
     grid = (triton.cdiv(f, cfg.block_n), cfg.split_k)
     common = dict(ACT=code, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages,
-                  num_warps=cfg.num_warps)
+                  num_warps=cfg.num_warps, **pdl_launch(x.device))
     if cfg.split_k == 1:
         _gate_up_gemv_kernel[grid](x1, w13, out, f, k, w13.stride(0), 0, kps, SPLIT_K=1, **common)
     else:

@@ -318,3 +318,54 @@ def test_every_fp8_value_converts_exactly_on_the_gpu(fp8_dtype, fast_cvt):
         rows = eye[i:i + 16]
         out = fp8.fp8_linear_triton(rows, w, s, config=Fp8GemmConfig(16, 16, 64, 1, 4, 2, fast_cvt=fast_cvt))
         assert torch.equal(out.float(), (rows.float() @ w.float().T).bfloat16().float())
+
+
+# ----------------------------------------------------------------------------- GPU: PDL
+def _fp8_chain(ws, x):
+    """Back-to-back fp8 linears at decode shapes: GEMVs whose split-K reduce is fused (the
+    arrival counters every launch shares) or launched apart, block scales, a 4-row skinny
+    GEMM with fused split-K, and the dynamic per-token path (quantize kernel first)."""
+    (wq, s), (w13, s13), (wd, sd), (wb, sb) = ws
+    outs = []
+    for _ in range(3):
+        y = fp8.fp8_linear_triton(x, wq, s, config=Fp8GemvConfig(2, 256, 4, 4, 1, True))
+        g = fp8.fp8_linear_triton(y[..., :2048], w13, s13, act="silu", config=Fp8GemvConfig(4, 512, 2, 4, 1, False))
+        x = fp8.fp8_linear(g, wd, sd)
+        b = fp8.fp8_linear(x, wb, sb, block_size=128)
+        m4 = fp8.fp8_linear_triton(b.expand(4, 2048), wq, s, config=Fp8GemmConfig(16, 32, 128, 4, 4, 3, 1))
+        dyn = fp8.fp8_linear_dynamic(b, wd[:, :2048], sd, act_mode="per_token")
+        outs += [y, g, x, b, m4, dyn]
+        x = dyn
+    return outs
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_fp8_chain_in_a_cuda_graph_equals_the_chain_without_pdl(monkeypatch):
+    from planlang.runtime.kernels import backend
+    monkeypatch.setenv(backend.PDL_ENV, "1")
+    on, why = backend.pdl_status(DEVICE)
+    if not on:
+        pytest.skip(why)
+    d, f = 2048, 8192
+    ws = [quantize(randn(3072, d, scale=d ** -0.5)), quantize(randn(2 * f, d, scale=d ** -0.5)),
+          quantize(randn(d, f, scale=f ** -0.5)), quantize(randn(d, d, scale=d ** -0.5), E4M3, "block", 128)]
+    x = randn(1, d, dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _fp8_chain(ws, x)  # compile outside the capture; the arrival counters exist from here on
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = _fp8_chain(ws, x)
+    for _ in range(4):
+        x.copy_(randn(1, d, dtype=torch.bfloat16))
+        graph.replay()
+        monkeypatch.setenv(backend.PDL_ENV, "0")
+        want = _fp8_chain(ws, x)
+        monkeypatch.setenv(backend.PDL_ENV, "1")
+        torch.cuda.synchronize()
+        for i, (got, ref) in enumerate(zip(outs, want)):
+            assert torch.equal(got, ref), f"output {i} differs with PDL"
+    ref = fp8.fp8_linear_reference(x, *ws[0])
+    check(outs[0], ref, x.double() @ dequant64(*ws[0]).T, torch.bfloat16)

@@ -456,3 +456,173 @@ def test_gpu_custom_ops_survive_inductor():
     compiled = torch.compile(_block, fullgraph=True)
     for got, want in zip(compiled(*args), _block(*args)):
         torch.testing.assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------- PDL
+from planlang.runtime.kernels import backend as backend_mod  # noqa: E402
+
+
+@pytest.mark.parametrize("value,want", [("0", False), ("off", False), ("1", True), ("on", True)])
+def test_pdl_switch_reads_the_environment(monkeypatch, value, want):
+    monkeypatch.setenv(backend_mod.PDL_ENV, value)
+    assert backend_mod._pdl_setting() is want
+    monkeypatch.delenv(backend_mod.PDL_ENV)
+    assert backend_mod._pdl_setting() is backend_mod.PDL_DEFAULT
+
+
+def test_pdl_switch_refuses_other_values_with_a_hint(monkeypatch):
+    monkeypatch.setenv(backend_mod.PDL_ENV, "maybe")
+    with pytest.raises(ValueError, match="PLANLANG_PDL='maybe': expected 0 or 1; hint"):
+        backend_mod.pdl_status("cpu")
+
+
+def test_pdl_is_off_on_the_cpu_and_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv(backend_mod.PDL_ENV, "1")
+    assert backend_mod.pdl_status("cpu") == (False, "PDL needs a CUDA device, not 'cpu'")
+    assert backend_mod.pdl_launch("cpu") == {"USE_PDL": False}  # no launch_pdl for old Triton
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not backend_mod.pdl_enabled("cuda")
+
+
+# Compiles every PDL kernel of qkv, swiglu, rmsnorm_residual and fp8_linear for sm_90 (no GPU
+# needed: Triton's compiler and ptxas run on the CPU) from the launches their launchers make,
+# with USE_PDL set, and reports per kernel where griddepcontrol.wait falls in the PTX.
+_PTX_SCRIPT = r'''
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
+from planlang.runtime.kernels import fp8_linear as fp8, qkv, rmsnorm_residual as norm, swiglu
+
+launches = []
+JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs))
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float8_e4m3fn: "fp8e4nv",
+         torch.int32: "i32", torch.int64: "i64"}
+
+def ptx(fn, args, kwargs):
+    values = {**dict(zip(fn.arg_names, args)), **kwargs, "USE_PDL": True}
+    sig, consts = {}, {}
+    for p in fn.params:
+        v = values[p.name]
+        if p.is_constexpr:
+            sig[p.name], consts[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + TYPES[v.dtype]
+        else:
+            sig[p.name] = "fp32" if isinstance(v, float) else "i32"
+    opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(opts, launch_pdl=True)).asm["ptx"]
+
+bf, f8 = torch.bfloat16, torch.float8_e4m3fn
+r = lambda *s: torch.randn(*s).to(bf)
+qkv.gemv_triton(r(64), r(48, 64), config=qkv.GemvConfig(2, 16, 2))
+qkv.linear_triton(r(4, 64), r(48, 64), config=qkv.SkinnyConfig(16, 32, 2))
+swiglu.swiglu_gemv_triton(r(64), r(96, 64), config=qkv.GemvConfig(2, 16, 2))
+swiglu.swiglu_skinny_triton(r(4, 64), r(96, 64), config=qkv.SkinnyConfig(16, 32, 1))
+norm.rmsnorm_residual_triton(r(2, 64), r(2, 64), r(64), 1e-6)
+norm.rmsnorm_residual_triton(r(1, 16384), r(1, 16384), r(16384), 1e-6)
+w8 = torch.randn(48, 64).to(f8)
+fp8.fp8_linear_triton(r(1, 64), w8, torch.rand(48), config=fp8.Fp8GemvConfig(2, 32, 2, 4, 1, False))
+fp8.fp8_linear_triton(r(1, 64), w8, torch.rand(48, 2), block_size=32)
+fp8.fp8_linear_triton(r(4, 64), w8, torch.rand(48), act="silu", config=fp8.Fp8GemmConfig(16, 32, 32, 2))
+fp8.quantize_activation_triton(r(3, 64), "per_tensor")
+fp8.quantize_activation_triton(r(3, 64), "per_block", 32)
+report = {}
+for fn, args, kwargs in launches:
+    if fn.__name__ in report:
+        continue
+    lines = [l.strip() for l in ptx(fn, args, kwargs).splitlines()]
+    wait = next((i for i, l in enumerate(lines) if l.startswith("griddepcontrol.wait")), len(lines))
+    report[fn.__name__] = {
+        "wait": wait < len(lines),
+        "launch_dependents": any(l.startswith("griddepcontrol.launch_dependents") for l in lines),
+        "writes_before_wait": sum(any(op in l for op in ("st.global", "atom.", "red.")) for l in lines[:wait]),
+        "loads_before_wait": sum("ld.global" in l for l in lines[:wait])}
+print(json.dumps(report))
+'''
+PDL_KERNELS = {"_gemv_kernel", "_splitk_reduce_kernel", "_skinny_gemm_kernel", "_gate_up_gemv_kernel",
+               "_gate_up_skinny_kernel", "_act_mul_kernel", "_rmsnorm_rows_kernel", "_rmsnorm_looped_kernel",
+               "_fp8_gemv_kernel", "_fp8_reduce_kernel", "_fp8_gemv_block_kernel", "_fp8_gemm_kernel",
+               "_quantize_rows_kernel", "_quantize_blocks_kernel"}
+# These load their weight tiles (constant data) before the wait: the overlap PDL buys.
+PREFETCHING = {"_gemv_kernel", "_gate_up_gemv_kernel", "_fp8_gemv_kernel", "_rmsnorm_rows_kernel"}
+
+
+@needs_triton
+def test_pdl_kernels_wait_before_their_first_write_in_the_sm90_code():
+    import json
+    import subprocess
+    import sys
+    try:
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+        import triton.backends.nvidia.compiler  # noqa: F401
+    except Exception as exc:
+        pytest.skip(f"this triton cannot compile PDL kernels for sm_90: {exc}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(report) == PDL_KERNELS
+    for name, facts in report.items():
+        assert facts["wait"] and facts["launch_dependents"], (name, facts)
+        assert facts["writes_before_wait"] == 0, (name, facts)
+        assert (facts["loads_before_wait"] > 0) == (name in PREFETCHING), (name, facts)
+
+
+def _decode_chain(layers, x, r, split: bool):
+    """Llama-1B's decode kernels at batch 1 (no rope/attention), plus split-K GEMVs and a
+    4-row skinny GEMM when `split` (the reduce and act-mul kernels)."""
+    outs = []
+    for n1, wqkv, wo, n2, w13, wd in layers:
+        s, h = norm_mod.rmsnorm_residual(x, r, n1, 1e-5)
+        q = qkv_mod.linear(h, wqkv)[..., :2048]
+        if split:
+            q = qkv_mod.gemv_triton(h, wqkv, config=GemvConfig(2, 512, 4))[..., :2048]
+            outs.append(qkv_mod.linear_triton(q.expand(4, 2048), wo, config=SkinnyConfig(32, 128, 2)))
+        o = qkv_mod.linear(q, wo)
+        s2, h2 = norm_mod.rmsnorm_residual(o, s, n2, 1e-5)
+        g = swiglu_mod.swiglu_linear(h2, w13, "silu")
+        if split:
+            g = swiglu_mod.swiglu_gemv_triton(h2, w13, "silu", config=GemvConfig(1, 512, 4))
+        x, r = qkv_mod.linear(g, wd), s2
+        outs += [q, o, s2, h2, g, x]
+    return outs
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("split", [False, True])
+def test_gpu_pdl_chain_in_a_cuda_graph_equals_the_chain_without_pdl(monkeypatch, split):
+    monkeypatch.setenv(backend_mod.PDL_ENV, "1")
+    on, why = backend_mod.pdl_status("cuda")
+    if not on:
+        pytest.skip(why)
+    dtype, d, f = torch.bfloat16, 2048, 8192
+    layers = [(randn(d, dtype=dtype), randn(3072, d, dtype=dtype, scale=d ** -0.5),
+               randn(d, d, dtype=dtype, scale=d ** -0.5), randn(d, dtype=dtype),
+               randn(2 * f, d, dtype=dtype, scale=d ** -0.5), randn(d, f, dtype=dtype, scale=f ** -0.5))
+              for _ in range(3)]
+    x, r = randn(1, d, dtype=dtype), randn(1, d, dtype=dtype)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _decode_chain(layers, x, r, split)  # compile the PDL variants outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = _decode_chain(layers, x, r, split)
+    for _ in range(4):  # fresh inputs each replay; the graph must match launches without PDL
+        x.copy_(randn(1, d, dtype=dtype))
+        r.copy_(randn(1, d, dtype=dtype))
+        graph.replay()
+        monkeypatch.setenv(backend_mod.PDL_ENV, "0")
+        want = _decode_chain(layers, x, r, split)
+        monkeypatch.setenv(backend_mod.PDL_ENV, "1")
+        torch.cuda.synchronize()
+        for i, (got, ref) in enumerate(zip(outs, want)):
+            assert torch.equal(got, ref), f"output {i} differs with PDL"
+    h = norm_mod.rmsnorm_residual_reference(x, r, layers[0][0], 1e-5)[1]
+    q = outs[1 if split else 0]  # the first layer's q projection
+    check(q, F.linear(h, layers[0][1][:2048]), h.double() @ layers[0][1][:2048].double().T, dtype)
