@@ -36,6 +36,7 @@ from .passes.linear import LinearPass  # noqa: E402
 
 PASSES["linear"] = LinearPass()
 from .passes.graph import GraphView, capture
+from .parallel.tp import shard_model
 from .passes.precision import TORCH_DTYPES, PrecisionMap, PrecisionPass, check_device, gemm_errors, rule_path
 
 PASS_ORDER = ("rmsnorm_residual", "swiglu", "qkv", "rope_kvcache", "attention", "linear")
@@ -269,6 +270,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         diags.append(at(source, rule_path(plan, i), "PL201", msg, hint=hint))
     if any(d.severity == "error" for d in diags):
         raise ApplyError(diags)
+    shard_model(model, plan, report, source)  # parallel.tensor: each rank's shard, before the trace
     _cast_default(model, plan, report)
 
     if hasattr(model, "setup_caches") and plan.mode != "training":

@@ -82,14 +82,31 @@ def _run_steps(model, prompt: torch.Tensor, steps: int) -> list[torch.Tensor]:
     return out
 
 
+def _distributed(args) -> Optional[int]:
+    """`--nproc N`: start N ranks with torchrun and return the job's status; None when
+    this process runs the command itself (alone, or as one rank of a job)."""
+    from .parallel.launch import maybe_launch
+    return maybe_launch(getattr(args, "argv", None), getattr(args, "nproc", None))
+
+
+def _rank_device(args) -> torch.device:
+    from .parallel.launch import init_distributed, rank_device
+    device = rank_device(_device(args.device))
+    init_distributed(device)
+    return device
+
+
 def cmd_apply(args) -> int:
     from planlang.validate import validate
+    code = _distributed(args)
+    if code is not None:
+        return code
     loaded = load_with_source(args.plan)
     if loaded.plan is None:
         print(render_text(sorted(loaded.diagnostics, key=sort_key)), file=sys.stderr)
         return EXIT_USAGE if any(d.code == "PL100" for d in loaded.diagnostics) else EXIT_ERRORS
     plan = loaded.plan
-    device = _device(args.device)
+    device = _rank_device(args)
     target = plan.target if plan.target != "auto" else device_target(device)
     # At apply time the device present is the target: refuse what it cannot run.
     here = device_target(device)
@@ -275,6 +292,9 @@ def cmd_bench(args) -> int:
     from .predict import predict_decode
     from planlang.hardware import load_catalog
 
+    code = _distributed(args)
+    if code is not None:
+        return code
     plan_files, model_spec = _split_plans_model(args.plans)
     plans = []
     for f in plan_files:
@@ -283,7 +303,7 @@ def cmd_bench(args) -> int:
             print(render_text(loaded.diagnostics), file=sys.stderr)
             return EXIT_ERRORS
         plans.append(loaded)
-    device = _device(args.device)
+    device = _rank_device(args)
     against = [a.strip() for a in args.against.split(",") if a.strip()]
     unknown = [a for a in against if a not in BASELINES]
     if unknown:
