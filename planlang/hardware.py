@@ -14,7 +14,6 @@ This module is part of the language and never imports torch at import time.
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib.resources
 import platform
@@ -68,6 +67,8 @@ _FALLBACK_DTYPES = {
 
 
 # --------------------------------------------------------------------------- the records
+# Empty defaults are `lambda: {}`, not `dict`: pydantic reads every factory's signature, and
+# a builtin's is parsed from text (a start-up cost of every command).
 class GemmSupport(BaseModel):
     """How a target runs GEMMs in one dtype: the weight scalings and activation
     quantizations planlang can run there, and notes on library gaps (keyed by activation
@@ -77,7 +78,7 @@ class GemmSupport(BaseModel):
 
     weight_scalings: tuple[Scaling, ...] = ()
     activations: tuple[ActivationQuant, ...] = ("keep",)
-    kernel_notes: dict[ActivationQuant, str] = Field(default_factory=dict)
+    kernel_notes: dict[ActivationQuant, str] = Field(default_factory=lambda: {})
 
 
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
@@ -102,8 +103,8 @@ class Target(BaseModel):
     host_link_gbs: Optional[PositiveFloat] = None
     sm_count: Optional[PositiveInt] = None
     l2_mb: Optional[PositiveFloat] = None
-    tflops: dict[Dtype, PositiveFloat] = Field(default_factory=dict)
-    gemm: dict[Dtype, GemmSupport] = Field(default_factory=dict)
+    tflops: dict[Dtype, PositiveFloat] = Field(default_factory=lambda: {})
+    gemm: dict[Dtype, GemmSupport] = Field(default_factory=lambda: {})
     cuda_graphs: bool
     triton: bool
     launch_us: PositiveFloat
@@ -248,6 +249,7 @@ class Catalog:
         prefixed = [k for k in by_key if k.startswith(query)]
         if prefixed:
             return by_key[min(prefixed, key=len)]
+        import difflib  # only an unknown target name gets here
         matches = difflib.get_close_matches(query, list(by_key), n=1, cutoff=0.6)
         return by_key[matches[0]] if matches else None
 
@@ -332,6 +334,7 @@ def _span(node: yaml.Node) -> Span:
 
 
 def _did_you_mean(word: object, options: Sequence[str]) -> str | None:
+    import difflib  # only a bad hardware file or name gets here
     close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
     return f"did you mean `{close[0]}`?" if close else None
 

@@ -7,7 +7,6 @@ print.
 """
 from __future__ import annotations
 
-import difflib
 import re
 from typing import Any, Literal, Optional, Union
 
@@ -23,6 +22,9 @@ Dtype = Literal[names.DTYPES]  # type: ignore[valid-type]
 OpKind = Literal[names.OP_KINDS]  # type: ignore[valid-type]
 
 
+# Empty defaults are `default_factory=lambda: []` (or `{}`), not `list` (`dict`): pydantic reads
+# the signature of every factory, and a builtin's is parsed from its text signature, which
+# costs `planlang lint` a few milliseconds at start-up.
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=False, allow_inf_nan=False)
 
@@ -171,7 +173,7 @@ class Precision(Section):
     default: Optional[Literal[names.BASE_DTYPES]] = None  # type: ignore[valid-type]
     accumulate: Literal[names.ACCUMULATE_DTYPES] = "fp32"  # type: ignore[valid-type]
     preset: Optional[Literal[names.PRESETS]] = None  # type: ignore[valid-type]
-    rules: list[PrecisionRule] = Field(default_factory=list)
+    rules: list[PrecisionRule] = Field(default_factory=lambda: [])
 
 
 def preset_rules(preset: Optional[str]) -> list[PrecisionRule]:
@@ -200,12 +202,12 @@ class OffloadRule(Section):
 class RecomputeRule(Section):
     at: str
     policy: Literal[names.RECOMPUTE_POLICIES] = "selective"  # type: ignore[valid-type]
-    save: list[OpKind] = Field(default_factory=list)
+    save: list[OpKind] = Field(default_factory=lambda: [])
 
 
 class Memory(Section):
-    offload: list[OffloadRule] = Field(default_factory=list)
-    recompute: list[RecomputeRule] = Field(default_factory=list)
+    offload: list[OffloadRule] = Field(default_factory=lambda: [])
+    recompute: list[RecomputeRule] = Field(default_factory=lambda: [])
 
 
 class ParallelStyle(Section):
@@ -216,7 +218,7 @@ class ParallelStyle(Section):
 class Parallel(Section):
     tensor: int = Field(default=1, ge=1)
     sequence: bool = False
-    styles: list[ParallelStyle] = Field(default_factory=list)
+    styles: list[ParallelStyle] = Field(default_factory=lambda: [])
 
 
 class Limits(Section):
@@ -242,14 +244,14 @@ class Plan(Section):
     target: str = "auto"
     mode: Literal[names.MODES] = "inference"  # type: ignore[valid-type]
     extends: Optional[str] = None
-    fusions: list[FusionRule] = Field(default_factory=list)
+    fusions: list[FusionRule] = Field(default_factory=lambda: [])
     graphs: Graphs = Field(default_factory=Graphs)
     compile: Compile = Field(default_factory=Compile)
     precision: Precision = Field(default_factory=Precision)
     memory: Memory = Field(default_factory=Memory)
     parallel: Parallel = Field(default_factory=Parallel)
     limits: Limits = Field(default_factory=Limits)
-    provenance: dict[str, ProvenanceValue] = Field(default_factory=dict)
+    provenance: dict[str, ProvenanceValue] = Field(default_factory=lambda: {})
 
     @field_validator("planlang")
     @classmethod
@@ -391,6 +393,7 @@ def _diagnostic(err: dict, doc: Any, source: SourceMap | None) -> Diagnostic:
         key = isinstance(ctx.get("loc"), str)  # an option name: point at the key
         return at(source, path, t, err["msg"], hint=ctx.get("hint"), key=key)
     where = ".".join(str(p) for p in loc) or "the plan"
+    import difflib  # "did you mean" is asked only of plans with errors
     if t == "extra_forbidden":
         parent = _doc_get(doc, loc[:-1])
         known = _known_keys(loc[:-1], parent)
@@ -448,6 +451,7 @@ def _one_per_union(errors: list[dict], doc: Any) -> list[dict]:
         out.append(err)
     # A misspelt required key reads better as one "unknown key, did you mean" than as that
     # plus "missing required key".
+    import difflib
     extra = [e["loc"] for e in out if e["type"] == "extra_forbidden"]
     return [e for e in out if not (
         e["type"] == "missing" and any(x[:-1] == e["loc"][:-1] and isinstance(x[-1], str) and

@@ -18,7 +18,6 @@ Pure Python: this module never imports torch.
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import itertools
 import math
@@ -278,6 +277,7 @@ def _check_op(op: str, offset: int) -> None:
         bad = op.index(":")
         raise _error("unexpected ':' in selector", offset + bad, 1,
                      hint="only one op suffix is allowed, at the end: PATH:OP")
+    import difflib  # only a misspelt op kind gets here
     close = difflib.get_close_matches(op, OP_KINDS, n=1)
     hint = f"did you mean '{close[0]}'?" if close else "op kinds are " + ", ".join(OP_KINDS)
     raise _error(f"unknown op kind '{op}' in selector suffix", offset, len(op), hint=hint)
