@@ -90,20 +90,9 @@ def graph_us(calls: list, reps: int = 15) -> float:
 
 
 def copy_bandwidth_tbs() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(20):
-        start.record()
-        b.copy_(a)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000.0)
-    del a, b
-    return 2 * (1 << 30) / statistics.median(times) / 1e12
+    """The floors' copy bandwidth (1 GiB device copy, median of 20), TB/s."""
+    from planlang.runtime.bench import copy_bandwidth_gbs
+    return copy_bandwidth_gbs(torch.device("cuda")) / 1e3
 
 
 # ----------------------------------------------------------------------------- weights

@@ -82,6 +82,21 @@ def _run_steps(model, prompt: torch.Tensor, steps: int) -> list[torch.Tensor]:
     return out
 
 
+def refuse_on_device(loaded, device: torch.device, command: str) -> Optional[int]:
+    """At run time the device present is the target: print what it cannot run and return
+    the exit status, or None when the plan can run here."""
+    from planlang.validate import validate
+    here = device_target(device)
+    diags = validate(loaded.plan, loaded.source, target=here)
+    if loaded.plan.target not in ("auto", here):
+        diags = [d for d in diags if d.code != "PL203"]
+    if not has_errors(diags):
+        return None
+    print(render_text(sorted(diags, key=sort_key)), file=sys.stderr)
+    print(f"planlang {command}: the plan cannot run on this device ({here})", file=sys.stderr)
+    return EXIT_ERRORS
+
+
 def _distributed(args) -> Optional[int]:
     """`--nproc N`: start N ranks with torchrun and return the job's status; None when
     this process runs the command itself (alone, or as one rank of a job)."""
@@ -97,7 +112,6 @@ def _rank_device(args) -> torch.device:
 
 
 def cmd_apply(args) -> int:
-    from planlang.validate import validate
     code = _distributed(args)
     if code is not None:
         return code
@@ -109,14 +123,9 @@ def cmd_apply(args) -> int:
     device = _rank_device(args)
     target = plan.target if plan.target != "auto" else device_target(device)
     # At apply time the device present is the target: refuse what it cannot run.
-    here = device_target(device)
-    diags = validate(plan, loaded.source, target=here)
-    if plan.target not in ("auto", here):
-        diags = [d for d in diags if d.code != "PL203"]
-    if has_errors(diags):
-        print(render_text(sorted(diags, key=sort_key)), file=sys.stderr)
-        print(f"planlang apply: the plan cannot run on this device ({here})", file=sys.stderr)
-        return EXIT_ERRORS
+    refused = refuse_on_device(loaded, device, "apply")
+    if refused is not None:
+        return refused
     try:
         lm = load_model(args.model, trust_pickle=args.trust_pickle, device=device)
     except ModelLoadError as exc:

@@ -422,12 +422,11 @@ def free_device(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- the command
 
 def cmd_train_step(args) -> int:
-    from planlang.diagnostics import has_errors, render_text, sort_key
+    from planlang.diagnostics import render_text, sort_key
     from planlang.loader import load_with_source
-    from planlang.validate import validate
 
     from .apply import ApplyError, apply
-    from .commands import EXIT_ERRORS, EXIT_OK, _device, _model_error, _usage, device_target
+    from .commands import EXIT_ERRORS, EXIT_OK, _device, _model_error, _usage, refuse_on_device
     from .models.checkpoint import ModelLoadError, load_model
 
     loaded = load_with_source(args.plan)
@@ -441,14 +440,9 @@ def cmd_train_step(args) -> int:
     if args.batch < 1 or args.seq < 2 or args.steps < 1:
         return _usage("--batch and --steps must be at least 1, --seq at least 2")
     device = _device(args.device)
-    here = device_target(device)
-    diags = validate(plan, loaded.source, target=here)
-    if plan.target not in ("auto", here):
-        diags = [d for d in diags if d.code != "PL203"]
-    if has_errors(diags):
-        print(render_text(sorted(diags, key=sort_key)), file=sys.stderr)
-        print(f"planlang train-step: the plan cannot run on this device ({here})", file=sys.stderr)
-        return EXIT_ERRORS
+    refused = refuse_on_device(loaded, device, "train-step")
+    if refused is not None:
+        return refused
     runs, source, report = {}, None, None
     for which in ("unplanned", "planned"):
         try:
