@@ -357,6 +357,8 @@ def cmd_bench(args) -> int:
             floor = step_bytes(model, b, context) / (bw * 1e9) * 1e3
             pred = predicted(b) if predicted else None
             rows.append(Row(name, b, ms, b / ms * 1e3, ms / floor, pred, {"floor_ms": floor}))
+            # a line per row as it lands, so a run cut short by a time limit still says something
+            print(f"bench: {name} batch {b}: {ms:.3f} ms ({ms / floor:.2f}x floor)", file=sys.stderr, flush=True)
 
     if "eager" in against:
         decode_rows("eager", model, model)
