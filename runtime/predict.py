@@ -2,7 +2,9 @@
 
 A decode step is a list of kernels. Each kernel costs the larger of its bytes over the
 memory bandwidth and its FLOPs over the dtype's rate; inside a CUDA graph each launch adds
-`launch_us` (the target's figure, or one measured on the device). Eager runs pay a Python
+`launch_us` (the target's figure, or the per-kernel cost measured on the device:
+`commands.measure_kernel_cost_us`, real one-row GEMVs replayed in a graph minus their
+bytes, which counts a kernel's ramp-up and tail as well as its launch). Eager runs pay a Python
 and launch overhead per op instead (`eager_us`). Weights count in the dtypes the plan
 gives them.
 """

@@ -1077,7 +1077,7 @@ def tune(model: Optional[str], output: str | Path, *, target: Optional[str] = No
     PLANLANG_TUNE_EVAL_CHUNK and PLANLANG_TUNE_MAX_TRIALS set the same from the CLI.
     """
     from planlang.hardware import load_catalog
-    from .commands import device_target, measure_launch_us
+    from .commands import device_target, measure_kernel_cost_us
     from .models.checkpoint import ModelLoadError, load_model
 
     t_start = time.perf_counter()
@@ -1186,7 +1186,7 @@ def tune(model: Optional[str], output: str | Path, *, target: Optional[str] = No
     def measure_hw() -> Hardware:
         from .bench import copy_bandwidth_gbs
         bw = copy_bandwidth_gbs(dev, size=(1 << 30) if dev.type == "cuda" else (1 << 27))
-        launch = measure_launch_us(dev) if dev.type == "cuda" else (tgt.launch_us if tgt else 5.0)
+        launch = measure_kernel_cost_us(dev, bw) if dev.type == "cuda" else (tgt.launch_us if tgt else 5.0)
         tf = (tgt.tflops.get("bf16") or tgt.tflops.get("fp32")) if tgt else 1.0
         return Hardware(round(bw, 1), round(launch, 3), tf or 1.0, eager_us=25.0, cuda_graphs=dev.type == "cuda")
     saved, hw_reused = records.remember("hardware", lambda: dataclasses.asdict(measure_hw()))

@@ -125,3 +125,14 @@ def test_apply_scores_the_evaluation_text_and_gates_on_agreement(tmp_path, capsy
     assert 0 < acc["kl"] < 0.05 and abs(acc["ppl_candidate"] / acc["ppl_reference"] - 1) < 0.05
     code, out, err = run_cli(args + ["--min-agreement", "0.99999"], capsys)
     assert code == 1 and "below --min-agreement" in err
+
+
+@pytest.mark.gpu
+def test_the_per_kernel_cost_of_real_gemvs_is_at_least_an_empty_launch():
+    import torch
+    from planlang.runtime.bench import copy_bandwidth_gbs
+    from planlang.runtime.commands import measure_kernel_cost_us, measure_launch_us
+    device = torch.device("cuda")
+    launch = measure_launch_us(device)
+    cost = measure_kernel_cost_us(device, copy_bandwidth_gbs(device))
+    assert launch * 0.8 <= cost < 20.0, (launch, cost)
