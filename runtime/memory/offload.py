@@ -44,7 +44,6 @@ import torch
 from torch import nn
 
 from planlang.diagnostics import CODES, Diagnostic, at
-from planlang.selectors import Selector, SelectorError, resolve
 
 from ..kernels.backend import register_op
 
@@ -649,22 +648,11 @@ def adamw(params: list[torch.Tensor], device_type: str, **hp) -> torch.optim.Ada
 def _units_by_rule(model: nn.Module, plan) -> dict[int, list[tuple[str, nn.Module]]]:
     """Rule index -> its units: the outermost modules its selector names, in model order.
     A module two rules name belongs to the later one."""
+    from . import outermost_owners
     mods = dict(model.named_modules())
-    names = list(mods)
-    owner: dict[str, int] = {}
-    for i, rule in enumerate(plan.memory.offload):
-        try:
-            hits = resolve(Selector.parse(rule.at), names)
-        except SelectorError:
-            continue  # apply reported it already
-        for h in hits:
-            if h:
-                owner[h] = i
-    chosen = [n for n in names if n in owner]
-    outer = [n for n in chosen if not any(n.startswith(o + ".") for o in chosen if o != n)]
     out: dict[int, list[tuple[str, nn.Module]]] = {}
-    for n in outer:
-        out.setdefault(owner[n], []).append((n, mods[n]))
+    for n, i in outermost_owners(model, plan.memory.offload).items():
+        out.setdefault(i, []).append((n, mods[n]))
     return out
 
 

@@ -34,7 +34,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from planlang import names
-from planlang.selectors import Selector, SelectorError, resolve
 
 _SDPA = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
          "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -193,20 +192,8 @@ def remove_recompute(model: nn.Module) -> int:
 def recompute_units(model: nn.Module, plan) -> dict[str, tuple[int, Any]]:
     """Module path -> (rule index, rule) for every module a recompute rule takes: the
     outermost modules the selectors name (the later rule wins a module two rules name)."""
-    mods = dict(model.named_modules())
-    names_ = list(mods)
-    owner: dict[str, int] = {}
-    for i, rule in enumerate(plan.memory.recompute):
-        try:
-            hits = resolve(Selector.parse(rule.at), names_)
-        except SelectorError:
-            continue  # apply reported it already
-        for h in hits:
-            if h:
-                owner[h] = i
-    chosen = [n for n in names_ if n in owner]
-    outer = [n for n in chosen if not any(n.startswith(o + ".") for o in chosen if o != n)]
-    return {n: (owner[n], plan.memory.recompute[owner[n]]) for n in outer}
+    from . import outermost_owners
+    return {n: (i, plan.memory.recompute[i]) for n, i in outermost_owners(model, plan.memory.recompute).items()}
 
 
 def apply_recompute(model: nn.Module, plan, report, source) -> dict[str, str]:
