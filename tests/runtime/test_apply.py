@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from planlang.plan import Plan
 from planlang.runtime.apply import PASSES, ApplyError, apply
 from planlang.runtime.kernels.backend import triton_available
 from planlang.runtime.models.registry import build_builtin
+from .kernel_switch import kernels  # noqa: E402
 
 MODELS = ["llama-tiny", "gemma2-tiny", "sinks-tiny"]
 FUSIONS = ["rmsnorm_residual", "qkv", "swiglu", "rope_kvcache", "attention"]
@@ -95,22 +95,6 @@ def example_run(model):
     with torch.no_grad():
         model(tokens[:, :PROMPT], torch.arange(PROMPT))
         model(tokens[:, PROMPT:PROMPT + 1], torch.tensor([PROMPT]))
-
-
-@contextlib.contextmanager
-def kernels(reference: bool):
-    """Run the kernels' PyTorch reference instead of Triton (on the CPU, Triton runs only
-    under the interpreter, switched off here) while the block runs."""
-    saved = os.environ.get("TRITON_INTERPRET")
-    if reference:
-        os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
 
 
 class Planned:

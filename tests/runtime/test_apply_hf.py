@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from planlang.plan import Plan  # noqa: E402
 from planlang.runtime.apply import PASSES, apply  # noqa: E402
 from planlang.runtime.kernels.backend import triton_available  # noqa: E402
 from planlang.runtime.passes.fusions import explain_misses  # noqa: E402
+from .kernel_switch import kernels  # noqa: E402
 
 B, PROMPT, STEPS, MAX_CACHE = 2, 5, 3, 16
 F32_TOL = 1e-5
@@ -116,22 +116,12 @@ def tokens_for(seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (B, PROMPT + STEPS), generator=torch.Generator().manual_seed(seed))
 
 
-@contextlib.contextmanager
 def kernels_for(arch: str):
     """Triton's interpreter is slow: it runs the kernels for one architecture (Llama,
     whose attention hands the kernel a strided query view); the others run the kernels'
     PyTorch reference (the passes are what these tests are about). On a GPU machine
     these CPU models run the reference anyway."""
-    saved = os.environ.get("TRITON_INTERPRET")
-    if arch != TRITON_ARCH:
-        os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    return kernels(reference=arch != TRITON_ARCH)
 
 
 class Planned:

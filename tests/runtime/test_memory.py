@@ -10,8 +10,6 @@ not. The GPU tests at the end run the same checks with streams, Inductor and CUD
 """
 from __future__ import annotations
 
-import contextlib
-import os
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ from planlang.runtime.memory import offload as offload_mod
 from planlang.runtime.memory.offload import offload_diagnostics, prepare_offload, simulate_ring
 from planlang.runtime.memory.recompute import apply_recompute
 from planlang.runtime.models.registry import build_builtin
+from .kernel_switch import kernels  # noqa: E402
 
 B, PROMPT, STEPS, MAX_SEQ = 2, 5, 2, 16
 FUSIONS = ["rmsnorm_residual", "qkv", "swiglu", "rope_kvcache", "attention"]
@@ -34,18 +33,9 @@ def make_plan(**doc) -> Plan:
     return plan
 
 
-@contextlib.contextmanager
 def reference_kernels():
     """The fused kernels' PyTorch reference (Triton's interpreter is slow and tested elsewhere)."""
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    return kernels(reference=True)
 
 
 def tokens(seed: int = 0, device="cpu") -> torch.Tensor:
