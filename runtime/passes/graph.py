@@ -35,13 +35,17 @@ def module_path(raw: str) -> str:
 
 
 def node_module(node: fx.Node) -> Optional[str]:
-    """The innermost module a node was traced in, or None (top-level code)."""
+    """The innermost module of the traced model a node was traced in, or None (top-level
+    code). Modules Dynamo reached through a global (`G[...]`: e.g. a function transformers
+    swaps for a hub kernel module) are not the model's: the module that called them is."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
-    raw = list(stack.values())[-1]
-    raw = raw[0] if isinstance(raw, tuple) else raw
-    return module_path(str(raw))
+    for raw in reversed(list(stack.values())):
+        raw = str(raw[0] if isinstance(raw, tuple) else raw)
+        if not raw.startswith("G["):
+            return module_path(raw)
+    return None
 
 
 LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear}
