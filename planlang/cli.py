@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -25,12 +26,7 @@ def _add_format(p: argparse.ArgumentParser, choices=("text", "json")) -> None:
     p.add_argument("--json", dest="format", action="store_const", const="json", help="short for --format json")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="planlang", description="Declarative optimization plans for PyTorch models.")
-    parser.add_argument("--version", action="version", version=f"planlang {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("lint", help="check plans against the spec and a hardware target")
+def _lint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plans", nargs="+", metavar="PLAN")
     p.add_argument("--target", help="check against this target instead of the plan's")
     p.add_argument("--model", help="also check selectors and shapes against a model (imports torch)")
@@ -39,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help=argparse.SUPPRESS)
     _add_format(p, ("text", "json", "sarif"))
 
-    p = sub.add_parser("fmt", help="print a plan in canonical form, or convert it")
+
+def _fmt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", metavar="PLAN")
     p.add_argument("--to", choices=("yaml", "plan"), help="output syntax (default: the file's own)")
     g = p.add_mutually_exclusive_group()
@@ -47,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--write", action="store_true", help="rewrite the file (atomically)")
     _add_format(p)
 
-    p = sub.add_parser("explain", help="what a plan does, section by section")
+
+def _explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", metavar="PLAN")
     p.add_argument("--model", help="list the places each rule takes in this model, and predictions")
     p.add_argument("--target")
@@ -56,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=128, help="decode context for predictions")
     _add_format(p)
 
-    p = sub.add_parser("apply", help="apply a plan to a model, check numerics, time it, report")
+
+def _apply_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", metavar="PLAN")
     p.add_argument("model", nargs="?", metavar="MODEL", help="builtin:NAME, a .pt checkpoint, a HF folder")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled whole module (runs code)")
@@ -71,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", action="append", default=[], metavar="FILE")
     _add_format(p)
 
-    p = sub.add_parser("bench", help="time planned models against eager and torch.compile")
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plans", nargs="+", metavar="PLAN... [MODEL]")
     p.add_argument("--against", default="eager,compile", help="baselines: eager, compile (reduce-overhead)")
     p.add_argument("--context", type=int, default=128, help="decode context (tokens in the cache)")
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true")
     _add_format(p)
 
-    p = sub.add_parser("tune", help="search plans on this hardware and write the best")
+
+def _tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="PLAN")
     p.add_argument("--target")
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true")
     _add_format(p)
 
-    p = sub.add_parser("train-step", help="one training step with and without the plan: peak memory and time")
+
+def _train_step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", metavar="PLAN")
     p.add_argument("model", nargs="?", metavar="MODEL", help="builtin:NAME, a .pt checkpoint, a HF folder")
     p.add_argument("--batch", type=int, default=2)
@@ -112,17 +114,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true")
     _add_format(p)
 
-    p = sub.add_parser("export", help="write a built-in model as a planlang checkpoint (.pt)")
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("output", metavar="OUT.pt")
     _add_format(p)
 
-    p = sub.add_parser("targets", help="the hardware catalog")
+
+def _targets_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware", action="append", default=[], metavar="FILE")
     _add_format(p)
 
-    p = sub.add_parser("detect", help="what this machine is")
-    _add_format(p)
+
+# Each command's one-line help and its arguments, in the order `planlang --help` lists them.
+SUBCOMMANDS = {
+    "lint": ("check plans against the spec and a hardware target", _lint_arguments),
+    "fmt": ("print a plan in canonical form, or convert it", _fmt_arguments),
+    "explain": ("what a plan does, section by section", _explain_arguments),
+    "apply": ("apply a plan to a model, check numerics, time it, report", _apply_arguments),
+    "bench": ("time planned models against eager and torch.compile", _bench_arguments),
+    "tune": ("search plans on this hardware and write the best", _tune_arguments),
+    "train-step": ("one training step with and without the plan: peak memory and time", _train_step_arguments),
+    "export": ("write a built-in model as a planlang checkpoint (.pt)", _export_arguments),
+    "targets": ("the hardware catalog", _targets_arguments),
+    "detect": ("what this machine is", _add_format),
+}
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The whole command line, or with `command` only that command's subparser: a run of one
+    command parses the same and skips building the nine others (~3 ms of argparse)."""
+    parser = argparse.ArgumentParser(prog="planlang", description="Declarative optimization plans for PyTorch models.")
+    parser.add_argument("--version", action="version", version=f"planlang {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_arguments) in SUBCOMMANDS.items():
+        if command is None or name == command:
+            add_arguments(sub.add_parser(name, help=help_text))
     return parser
 
 
@@ -321,6 +348,11 @@ COMMANDS = {
 # (no argv given: the console script, `python -m planlang.cli`), the heap is frozen before
 # exit (`gc.freeze`). Together that is about a tenth of `planlang lint`'s time. Commands
 # that reach the runtime (torch, a model) run with the collector as it was.
+#
+# Such a program also skips pydantic's plugin scan, which reads the entry points of every
+# installed distribution (a few ms) to find plugins that observe validation: the models are
+# planlang's own, and no plugin changes what lint reports. A PYDANTIC_DISABLE_PLUGINS the
+# user set is kept.
 _LANGUAGE_COMMANDS = ("lint", "fmt", "explain", "targets")
 
 
@@ -329,10 +361,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gc.disable()
     language = False
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        args.argv = list(argv) if argv is not None else sys.argv[1:]
+        given = list(argv) if argv is not None else sys.argv[1:]
+        parser = build_parser(given[0] if given and given[0] in SUBCOMMANDS else None)
+        args = parser.parse_args(given)
+        args.argv = given
         language = args.command in _LANGUAGE_COMMANDS and not getattr(args, "model", None)
+        if language and argv is None:  # the program, not a caller's `main([...])`
+            os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
         if collecting and not language:
             gc.enable()
         return _run(parser, args)

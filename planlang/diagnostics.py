@@ -2,7 +2,6 @@
 (text in the rustc/ruff style, JSON, SARIF 2.1.0)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -137,6 +136,7 @@ def render_text(diags: Iterable[Diagnostic], color: bool = False) -> str:
 
 
 def render_json(diags: list[Diagnostic], ok: bool) -> str:
+    import json  # the text format, lint's default, needs no json
     return json.dumps({"ok": ok, "diagnostics": [d.to_json() for d in diags]}, indent=2)
 
 
@@ -145,6 +145,7 @@ SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 
 def render_sarif(diags: list[Diagnostic], tool_version: str) -> str:
     """SARIF 2.1.0 as GitHub code scanning accepts it: one run, rules from the code table."""
+    import json
     used = sorted({d.code for d in diags})
     rules = [{
         "id": code,

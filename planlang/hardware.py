@@ -19,7 +19,6 @@ import importlib.resources
 import platform
 import re
 import shutil
-import subprocess
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -829,6 +828,7 @@ def _query_nvml() -> list[_Gpu] | None:
 
 
 def _run_nvidia_smi(executable: str, fields: str) -> str | None:
+    import subprocess  # here, not at the top: only a machine with nvidia-smi needs it
     try:
         proc = subprocess.run(
             [executable, f"--query-gpu={fields}", "--format=csv,noheader"],

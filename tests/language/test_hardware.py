@@ -377,7 +377,7 @@ def fake_smi(monkeypatch):
         output = state.output(cmd) if callable(state.output) else state.output
         return subprocess.CompletedProcess(cmd, state.returncode, stdout=output, stderr="")
 
-    monkeypatch.setattr(hardware.subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "run", run)
     return state
 
 
@@ -442,7 +442,7 @@ def test_detect_survives_a_hung_nvidia_smi(fake_smi, monkeypatch):
     def hang(cmd, **kwargs):
         raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
 
-    monkeypatch.setattr(hardware.subprocess, "run", hang)
+    monkeypatch.setattr(subprocess, "run", hang)
     assert detect() is None
 
 
