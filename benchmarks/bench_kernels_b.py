@@ -8,9 +8,13 @@ Cases (llama-1b attention shapes: 32 query heads, 8 KV heads, head dim 64; bf16)
   F.scaled_dot_product_attention without soft-cap over exactly the context's keys
   (enable_gqa where this torch has it, else K/V expanded beforehand, untimed);
 - prefill: 2048 tokens from position 0, causal, against SDPA is_causal;
-- sampling over a 128256-word vocabulary, batch {1, 16}: ours against torch.softmax +
-  torch.topk + torch.multinomial (top-k), sort + cumsum + multinomial (top-p), and
-  softmax + multinomial (no filter).
+- sampling over a 128256-word vocabulary, batch {1, 16}: ours (the path split_chunks picks:
+  the split path at these batches) against torch.softmax + torch.topk + torch.multinomial
+  (top-k), sort + cumsum + multinomial (top-p), and softmax + multinomial (no filter); the
+  note gives the one-program-per-row kernel's time too (chunks=1). Sweeps of the split
+  path (rows `sampling_sweep`) set its heuristic from measurements: at batch 1 its chunk
+  count and rounds (SPLIT_PROGRAMS, the default rounds), and at batch 64, where the row
+  kernel is the default, a few chunk counts (SPLIT_MAX_BATCH).
 
 Times are GPU medians of CUDA-graph replays (triton.testing.do_bench_cudagraph), so launch
 overhead is excluded on both sides; falls back to triton.testing.do_bench. Every case runs
@@ -96,6 +100,12 @@ def decode_case(batch: int, context: int, rows: list, sweep: bool):
     rows.append(dict(case="decode", batch=batch, context=context, ours_softcap_ms=t_cap, ours_ms=t_plain,
                      torch_ms=t_sdpa, ratio=t_cap / t_sdpa, max_abs_err=err,
                      splits=attn_mod.decode_num_splits(batch, HKV, CACHE_LEN, 64, q.device)))
+    if batch == 1 and context >= 1024:  # the one case past 1.2x: the split sizes beside the default
+        for block_n, min_chunk in ((128, 128), (64, 64), (64, 128)):
+            t = bench_ms(lambda: attn_mod.attention_triton(q, k_cache, v_cache, pos, scale=scale, softcap=50.0,
+                                                           block_n=block_n, min_chunk=min_chunk))
+            rows.append(dict(case="decode_variant", batch=batch, context=context, block_n=block_n,
+                             min_chunk=min_chunk, ours_softcap_ms=t, torch_ms=t_sdpa, ratio=t / t_sdpa))
     if sweep:
         for block_n in (32, 64, 128):
             for warps in (2, 4, 8):
@@ -169,21 +179,47 @@ def torch_plain(logits, temperature):
     return torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1).squeeze(1)
 
 
-def sampling_case(batch: int, filters: str, dtype, rows: list):
+SAMPLING_FILTERS = {"top_k": dict(top_k=50), "top_p": dict(top_p=0.9), "top_k+top_p": dict(top_k=50, top_p=0.9),
+                    "none": {}}
+SPLIT_SWEEP_CHUNKS = {1: (32, 64, 128, 256, 512), 64: (2, 4, 8)}  # batch -> chunk counts to time
+SPLIT_SWEEP_ROUNDS = (1, 2, 3)  # at batch 1, with the default chunk count
+
+
+def sampling_case(batch: int, filters: str, dtype, rows: list, sweep_split: bool = False):
     logits = lm_like_logits(batch, dtype)
     seed = torch.tensor([1234], device="cuda")
     offset = torch.tensor([0], device="cuda")
-    settings = {"top_k": dict(top_k=50), "top_p": dict(top_p=0.9), "top_k+top_p": dict(top_k=50, top_p=0.9),
-                "none": {}}[filters]
-    ours = bench_ms(lambda: samp_mod.sample_triton(logits, temperature=0.8, seed=seed, offset=offset, **settings))
+    settings = SAMPLING_FILTERS[filters]
+
+    def ours_with(**knobs):
+        return bench_ms(lambda: samp_mod.sample_triton(logits, temperature=0.8, seed=seed, offset=offset,
+                                                       **settings, **knobs))
+
+    ours = ours_with()  # the path split_chunks picks
+    row_kernel = ours_with(chunks=1)
     if filters == "top_k":
         base = bench_ms(lambda: torch_top_k(logits, 0.8, 50))
     elif filters == "none":
         base = bench_ms(lambda: torch_plain(logits, 0.8))
     else:  # top_p, and top_k + top_p, against the sort-based top-p (the costlier half)
         base = bench_ms(lambda: torch_top_p(logits, 0.8, 0.9))
-    rows.append(dict(case="sampling", batch=batch, filters=filters, dtype=str(dtype).replace("torch.", ""),
-                     ours_ms=ours, torch_ms=base, ratio=ours / base))
+    dname = str(dtype).replace("torch.", "")
+    rows.append(dict(case="sampling", batch=batch, filters=filters, dtype=dname,
+                     chunks=samp_mod.split_chunks(batch, VOCAB), ours_ms=ours, row_kernel_ms=row_kernel,
+                     torch_ms=base, ratio=ours / base))
+    if sweep_split:
+        default_rounds = 2
+        configs = [(c, default_rounds) for c in SPLIT_SWEEP_CHUNKS[batch]]
+        if batch == 1 and filters != "none":  # without filters there are no rounds
+            configs += [(samp_mod.split_chunks(batch, VOCAB), r) for r in SPLIT_SWEEP_ROUNDS if r != default_rounds]
+        for chunks, rounds in configs:
+            try:
+                t = ours_with(chunks=chunks, rounds=rounds)
+                rows.append(dict(case="sampling_sweep", batch=batch, filters=filters, dtype=dname, chunks=chunks,
+                                 rounds=rounds, ours_ms=t, torch_ms=base, ratio=t / base))
+            except Exception as exc:  # one configuration failing must not stop the sweep
+                rows.append(dict(case="sampling_sweep", batch=batch, filters=filters, chunks=chunks, rounds=rounds,
+                                 error=f"{type(exc).__name__}: {exc}"))
 
 
 # ------------------------------------------------------------------------------ driver
@@ -202,12 +238,17 @@ def print_table(rows: list) -> None:
         note = ""
         if r["case"] == "decode_sweep":
             note = f"block_n={r['block_n']} warps={r['num_warps']} splits={r['splits']}"
+        elif r["case"] == "decode_variant":
+            note = f"block_n={r['block_n']} min_chunk={r['min_chunk']}"
         elif r["case"] == "prefill_sweep":
             note = f"block_m={r['block_m']} block_n={r['block_n']} warps={r['num_warps']} stages={r['num_stages']}"
         elif "max_abs_err" in r:
             note = f"max|err|={r['max_abs_err']:.2e}"
         elif r["case"] == "sampling":
-            note = r["dtype"]
+            path = f"split, {r['chunks']} chunks" if r["chunks"] > 1 else "row kernel"
+            note = f"{r['dtype']}; {path}; row kernel {1000 * r['row_kernel_ms']:.1f} us"
+        elif r["case"] == "sampling_sweep":
+            note = f"{r['dtype']}; chunks={r['chunks']} rounds={r['rounds']}"
         us = [1000 * r.get(key, float("nan")) for key in ("ours_ms", "ours_softcap_ms", "torch_ms")]
         print(f"{r['case']:<14} {r.get('batch', ''):>5} {where:>12} "
               f"{us[0]:>9.1f} {us[1]:>9.1f} {us[2]:>9.1f} {r['ratio']:>6.2f}  {note}")
@@ -231,8 +272,10 @@ def main() -> None:
     cases.append(("prefill 2048", prefill_case, (2048, rows, args.sweep)))
     for b in (1, 16):
         for filters in ("top_k", "top_p", "top_k+top_p", "none"):
-            cases.append((f"sampling b={b} {filters}", sampling_case, (b, filters, torch.float32, rows)))
+            cases.append((f"sampling b={b} {filters}", sampling_case, (b, filters, torch.float32, rows, b == 1)))
         cases.append((f"sampling b={b} top_k bf16", sampling_case, (b, "top_k", torch.bfloat16, rows)))
+    for filters in ("top_k", "top_p", "none"):  # where the row kernel is the default: is it still the better one?
+        cases.append((f"sampling b=64 {filters}", sampling_case, (64, filters, torch.float32, rows, True)))
     for name, fn, fargs in cases:
         try:
             fn(*fargs)

@@ -5,6 +5,10 @@ top-p set, repeat itself for the same seed and be the argmax at temperature 0.
 Many draws come from one launch: a batch of thousands of rows, alternating between two
 different rows of logits, so that the rows of one program (the interpreter packs many)
 also check that each row keeps its own cutoffs.
+
+The split path (many programs per row, for small batches) is forced with `chunks` on small
+vocabularies, so that its phases really split each row; its filter set is compared exactly
+with the reference through the cutoff it reports.
 """
 from __future__ import annotations
 
@@ -196,6 +200,131 @@ def test_temperature_zero_is_the_argmax_first_index_among_ties():
     assert tokens[5] == 17
 
 
+# ---------------------------------------------------------------- the split path
+SPLIT_V = 96
+# The interpreter's cost grows with programs x blocks, not with rows: most tests split the
+# row in three chunks of one block; the filter-set test and the long-list test run chunks
+# of several blocks with a shorter last chunk.
+SPLIT = {"chunks": 3, "block": 32, "search_block": 16}
+
+
+def assorted_rows(vocab=300, seed=0):
+    """Rows that stress the cutoffs: flat to peaked, many ties, one logit far above the rest
+    (the top-k cutoff lies below round 1's pivots), a third of them -inf, three finite."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(vocab, generator=g) * scale for scale in (0.05, 0.5, 1.6, 4.0)]
+    rows.append(torch.randn(vocab, generator=g).round())
+    dominant = torch.randn(vocab, generator=g)
+    dominant[17] = 40.0
+    masked = torch.randn(vocab, generator=g) * 2
+    masked[::3] = float("-inf")
+    few = torch.full((vocab,), float("-inf"))
+    few[[5, 50, 100]] = torch.tensor([1.0, 2.0, 0.5])
+    return torch.stack(rows + [dominant, masked, few])
+
+
+def survivors(logits, cutoffs, temperature=1.0):
+    """The tokens the split path keeps: scaled logit (as the kernel computes it) >= the cutoff."""
+    scale = torch.tensor(sampling_mod._LOG2E / temperature, dtype=torch.float32)
+    return logits.float() * scale >= cutoffs[:, None]
+
+
+def test_split_path_serves_small_batches_over_large_vocabularies():
+    assert sampling_mod.split_chunks(1, 128256) == 251  # chunks of 512 logits
+    assert sampling_mod.split_chunks(16, 128256) == 16
+    assert sampling_mod.split_chunks(sampling_mod.SPLIT_MAX_BATCH + 1, 128256) == 1
+    assert sampling_mod.split_chunks(1, sampling_mod.SPLIT_MIN_VOCAB - 1) == 1
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_split_path_follows_the_filtered_distribution(name):
+    rows = two_rows(seed=2, vocab=SPLIT_V)
+    tokens = draw(batch_of(rows), seed=5, offset=3, **SPLIT, **FILTERS[name])
+    check_distribution(tokens, rows, **FILTERS[name])
+
+
+EXACT_CASES = [({"top_k": 1}, 2), ({"top_k": 7}, 2), ({"top_k": 40, "temperature": 0.7}, 2), ({"top_p": 0.3}, 2),
+               ({"top_p": 0.9}, 2), ({"top_p": 0.999, "temperature": 1.5}, 2), ({"top_k": 25, "top_p": 0.8}, 2),
+               ({"top_k": 7}, 1), ({"top_p": 0.9}, 1), ({"top_k": 25, "top_p": 0.8}, 3), ({"top_p": 0.3}, 3)]
+
+
+@needs_triton
+@pytest.mark.parametrize("filters, rounds", EXACT_CASES, ids=[f"{f}-rounds{r}" for f, r in EXACT_CASES])
+def test_split_path_keeps_exactly_the_reference_filter_set(filters, rounds):
+    rows = assorted_rows()
+    logits = rows.repeat(2, 1)  # one program of rows holds each kind twice
+    cutoffs = torch.full((logits.shape[0],), float("nan"), device=DEVICE)
+    # 4 chunks of 76 logits (the last of 72) in blocks of 32.
+    tokens = draw(logits, seed=1, cutoffs=cutoffs, chunks=4, block=32, search_block=16, rounds=rounds, **filters)
+    kept = survivors(logits, cutoffs.cpu(), filters.get("temperature", 1.0))
+    expected = filtered_probs_reference(logits.double(), **filters) > 0
+    for r in range(logits.shape[0]):
+        assert torch.equal(kept[r], expected[r]), \
+            f"row {r}: keeps {kept[r].sum()} tokens, the reference {expected[r].sum()}"
+    assert kept[torch.arange(logits.shape[0]), tokens].all(), "drew a token outside the filter set"
+
+
+@needs_triton
+def test_split_path_with_a_long_candidate_list_follows_the_distribution():
+    # Nearly flat rows: one coarse round leaves most of the row in the bracket, so the finish
+    # searches a list many search blocks long.
+    g = torch.Generator().manual_seed(20)
+    rows = torch.randn(2, SPLIT_V, generator=g) * 0.3
+    tokens = draw(batch_of(rows), seed=4, rounds=1, split_pivots=4, chunks=5, block=8, search_block=8, top_p=0.5)
+    check_distribution(tokens, rows, top_p=0.5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_path_reads_half_precision_logits(dtype):
+    rows = two_rows(seed=3, vocab=SPLIT_V).to(dtype)
+    filters = {"top_k": 9, "top_p": 0.8}
+    tokens = draw(batch_of(rows), seed=6, **SPLIT, **filters)
+    check_distribution(tokens, rows.double(), **filters)
+
+
+@needs_triton
+def test_split_path_at_temperature_zero_is_the_argmax_first_index_among_ties():
+    g = torch.Generator().manual_seed(13)
+    logits = torch.randn(64, 200, generator=g)
+    logits[5, [17, 150]] = 10.0  # a tie across chunks: the first index wins, as in torch.argmax
+    logits[6, [40, 41]] = 10.0  # a tie inside one chunk
+    tokens = draw(logits, temperature=0.0, top_k=3, chunks=6, block=16)
+    assert torch.equal(tokens, logits.argmax(dim=-1))
+    assert tokens[5] == 17 and tokens[6] == 40
+
+
+@needs_triton
+def test_split_path_never_draws_minus_infinity_logits():
+    rows = two_rows(seed=10, vocab=SPLIT_V)
+    rows[:, ::3] = float("-inf")
+    for filters in ({}, {"top_p": 0.95}, {"top_k": 70, "top_p": 0.9}):  # 64 finite logits
+        tokens = draw(batch_of(rows, draws=200), seed=10, **SPLIT, **filters)
+        assert (tokens % 3 != 0).all(), filters
+
+
+@needs_triton
+def test_split_path_same_seed_and_offset_draw_the_same_tokens_and_a_new_offset_does_not():
+    logits = batch_of(two_rows(seed=11, vocab=SPLIT_V), draws=100)
+    for filters in ({}, {"top_k": 20, "top_p": 0.9}):
+        first = draw(logits, seed=21, offset=4, **SPLIT, **filters)
+        assert torch.equal(first, draw(logits, seed=21, offset=4, **SPLIT, **filters))
+        assert not torch.equal(first, draw(logits, seed=21, offset=5, **SPLIT, **filters))
+        assert not torch.equal(first, draw(logits, seed=22, offset=4, **SPLIT, **filters))
+
+
+@needs_triton
+def test_split_path_seed_and_offset_tensors_act_as_their_values():
+    logits = batch_of(two_rows(seed=12, vocab=SPLIT_V), draws=100)
+    seed = torch.tensor([21], device=DEVICE)
+    for value in (4, 2**33 + 7):  # past 32 bits: the offset's high word is in the counter
+        offset = torch.tensor([value], device=DEVICE)
+        as_tensors = draw(logits, seed=seed, offset=offset, top_p=0.9, **SPLIT)
+        assert torch.equal(as_tensors, draw(logits, seed=21, offset=value, top_p=0.9, **SPLIT))
+    assert not torch.equal(as_tensors, draw(logits, seed=21, offset=7, top_p=0.9, **SPLIT))
+
+
 # ---------------------------------------------------------------- the public op
 def test_public_op_samples_on_any_device_and_returns_longs():
     rows = two_rows(seed=14)
@@ -262,3 +391,44 @@ def test_sampling_replays_in_a_cuda_graph_with_a_device_offset():
     graph.replay()
     assert torch.equal(tokens, seen[0])
     assert not torch.equal(seen[0], seen[1])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("filters", [{"top_k": 50}, {"top_p": 0.9}, {"top_k": 50, "top_p": 0.8}, {}])
+def test_split_path_on_a_llama3_vocabulary_follows_the_filtered_distribution(filters):
+    vocab = 128256
+    g = torch.Generator().manual_seed(19)
+    row = torch.randn(vocab, generator=g) * 2.5
+    row[torch.randperm(vocab, generator=g)[:20]] += 9.0
+    rows = torch.stack([row, row.roll(1000)]).cuda()
+    assert sampling_mod.split_chunks(2, vocab) > 1
+    offset = torch.zeros(1, dtype=torch.long, device="cuda")
+    draws = []
+    for _ in range(1000):  # batch 2 is the split path's case: many steps, not many rows
+        draws.append(sample(rows, temperature=0.9, seed=3, offset=offset, **filters))
+        offset += 1
+    tokens = torch.stack(draws).reshape(-1).cpu()  # rows alternate, as batch_of lays them out
+    check_distribution(tokens, rows.cpu(), temperature=0.9, **filters)
+
+
+@pytest.mark.gpu
+@gpu
+def test_split_path_replays_in_a_cuda_graph_with_a_device_offset():
+    g = torch.Generator().manual_seed(21)
+    logits = (torch.randn(1, 128256, generator=g) * 2.5).cuda()
+    seed = torch.tensor([5], device="cuda")
+    offset = torch.tensor([0], device="cuda")
+    sample(logits, top_p=0.9, seed=seed, offset=offset)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = sample(logits, top_p=0.9, seed=seed, offset=offset)
+        offset += 1
+    seen = []
+    for _ in range(8):
+        graph.replay()
+        seen.append(tokens.clone())
+    offset.fill_(0)
+    graph.replay()
+    assert torch.equal(tokens, seen[0])
+    assert len({int(t) for t in seen}) > 1
