@@ -5,8 +5,9 @@
 2. trace the forward once (Dynamo) on example inputs and find every fusion's sites; a
    required fusion that finds no site fails here, still before the model is touched;
 3. build fused weights once (the parts become views of them: no second copy);
-4. rewrite each graph Dynamo hands us: fusion passes in `PASS_ORDER`, then the compile
-   section (Inductor, or the rewritten graph run as is);
+4. rewrite each graph Dynamo hands us: fusion passes in `PASS_ORDER`, the precision pass,
+   then each norm folded into the GEMM that reads it (`passes/prologue.py`), then the
+   compile section (Inductor, or the rewritten graph run as is);
 5. report: for each rule, the places it took and the kernel that runs there.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .passes.linear import LinearPass  # noqa: E402
 
 PASSES["linear"] = LinearPass()
 from .passes.graph import GraphView, capture
+from .passes.prologue import fold_norms
 from .parallel.tp import shard_model
 from .passes.precision import TORCH_DTYPES, PrecisionMap, PrecisionPass, check_device, gemm_errors, rule_path
 
@@ -200,6 +202,10 @@ def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kern
         _rewrite(view)
         if weights.precision:
             PrecisionPass().rewrite_graph(view, weights)
+        for path in fold_norms(gm.graph):
+            for i, rule, _ in rules:
+                if rule.kind == "rmsnorm_residual" and path in rewritten.get(i, ()):
+                    kernels.setdefault(i, set()).add("rmsnorm_gemm")
         remove_dead_code(gm.graph)
         gm.graph.lint()
         gm.recompile()
@@ -207,6 +213,7 @@ def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kern
             return gm.forward
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
+        _declare_fused_buffers(gm)
         return compile_fx(gm, example_inputs, config_patches=list_mode_options(compile_mode))
 
     def _rewrite(view):
@@ -225,6 +232,20 @@ def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kern
                             kernels.setdefault(i, set()).add(done)
                             rewritten.setdefault(i, set()).add(site.path)
     return backend
+
+
+def _declare_fused_buffers(gm) -> None:
+    """AOTAutograd maps every parameter and buffer of a Dynamo graph back to the source
+    Dynamo read it from (`_param_name_to_source`); the fused weights the passes registered
+    on the graph module have none, and Inductor would refuse the graph. Each gets a
+    constant source of its own name."""
+    names = getattr(gm, "_param_name_to_source", None)
+    if names is None:
+        return
+    from torch._dynamo.source import ConstantSource
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target not in names:
+            names[n.target] = ConstantSource(n.target)
 
 
 def remove_dead_code(graph) -> int:
@@ -318,7 +339,8 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         raise ApplyError(diags)
     report.notes.extend(f"{d.severity}: {d.message}" for d in diags)
 
-    weights = FusedWeights(pmap if pmap else None)
+    mode = effective_compile_mode(plan)
+    weights = FusedWeights(pmap if pmap else None, share=mode == "none")
     kernels: dict[int, set] = {}
     skipped: dict[int, dict] = {}
     rewritten: dict[int, set] = {}
@@ -329,7 +351,6 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
             sampling = {k: v for k, v in rule.options().items()}
             report.rules.append(RuleReport("fusions", i, "sampling", "generate", ["generate"],
                                            "planlang::sample" if ok else "reference"))
-    mode = effective_compile_mode(plan)
     offload = None
     if plan.memory.offload:
         from .memory.offload import prepare_offload  # hooks installed before the trace sees the model
@@ -443,7 +464,14 @@ def _capture_graphs(model: nn.Module, plan: Plan, forward: Callable, device: tor
     if plan.mode == "training":
         report.notes.append("graphs: capture skipped in training mode")
         return forward
-    from .passes.graphs import BucketRunner, CaptureError
+    from .passes.graphs import BucketRunner, CacheGraphRunner, CaptureError
+    if not hasattr(model, "setup_caches"):  # the cache is an argument (Hugging Face): graphs per cache
+        runner = CacheGraphRunner(forward, plan.graphs.buckets, device, plan.graphs.over_max, plan.graphs.warmup)
+        report.graphs = {"buckets": list(runner.buckets), "capture": "per static cache, at its first decode step"}
+        report.notes.append("graphs: the model takes its KV cache as an argument: a decode step over a "
+                            "transformers.StaticCache replays the graph captured for that cache (no padding: "
+                            "such a cache has a fixed batch); other calls run eagerly")
+        return runner
     vocab = model.config.vocab_size if not isinstance(model.config, dict) else model.config["vocab_size"]
     runner = BucketRunner(forward, plan.graphs.buckets, device, vocab, plan.graphs.over_max, plan.graphs.warmup)
     try:

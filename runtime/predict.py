@@ -49,6 +49,8 @@ def predict_decode(cfg, fusions: set, weight_dtype_bytes: float, batch: int, con
     t_mem = total / (bandwidth_gbs * 1e9)
     t_flop = flops / (tflops * 1e12)
     per_layer = sum(k[0] if name in fusions else k[1] for name, k in _KERNELS.items()) + _FIXED
+    if batch == 1 and {"rmsnorm_residual", "qkv", "swiglu"} <= set(fusions):
+        per_layer -= 2  # both norms run in the prologue of the QKV and gate/up GEMVs (passes/prologue.py)
     launches = L * per_layer + 4
     overhead = launches * (launch_us if graphs else eager_us) * 1e-6
     t = max(t_mem, t_flop) + overhead

@@ -39,12 +39,13 @@ from typing import Optional
 
 import torch
 
-from planlang.runtime.kernels.backend import use_triton
+from planlang.runtime.kernels.backend import gdc_functions, pdl_launch, use_triton
 
 try:  # the module must import without triton: the reference still works then
     import triton
     import triton.language as tl
 
+    gdc_wait, gdc_launch_dependents = gdc_functions()
     _HAVE_TRITON = True
 except Exception:  # ImportError, or a broken install raising anything
     _HAVE_TRITON = False
@@ -156,9 +157,10 @@ if _HAVE_TRITON:
         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, FAST_TANH: tl.constexpr,
-        KV_SCALED: tl.constexpr = False,
+        KV_SCALED: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     ):
         """One (batch row, KV head, split): all GROUP query heads over one slice of the context.
+        USE_PDL: waits first for the kernel before (which writes q and the caches).
 
         The slice is computed on the device from input_pos: the visible range [lo, hi) is cut
         into at most NUM_SPLITS chunks of whole blocks. Without FUSED_REDUCE a program whose
@@ -168,6 +170,9 @@ if _HAVE_TRITON:
         active ones do nothing, and the last active split to finish (a per-(row, KV head)
         arrival counter, reset by that program) merges the partials: no second launch.
         """
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -541,7 +546,7 @@ def _launch_decode(q, k_cache, v_cache, input_pos, sinks, out, common, block_n, 
         DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=q.device.type != "cuda",
         FAST_TANH=q.device.type == "cuda" and q.dtype != torch.float32,
         num_warps=num_warps or 4, num_stages=num_stages or (3 if half else 2),
-        **common,
+        **common, **pdl_launch(q.device),
     )
     if splits > 1 and not fused_reduce:
         _decode_reduce_kernel[(B * Hq,)](

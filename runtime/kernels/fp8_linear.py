@@ -52,7 +52,7 @@ safe). Inference only: no autograd formula.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -60,13 +60,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import gdc_functions, interpreter_on, pdl_launch, register_op, use_triton
-from .qkv import k_per_split
+from .qkv import NORM_MIN_ROWS, k_per_split
+from .rmsnorm_residual import NormPrologue, prologue_args
 from .swiglu import ACTS, _act_code
 
 try:  # the module must import without triton; then only the reference runs
     import triton
     import triton.language as tl
     from .swiglu import _act_fp32
+    from .rmsnorm_residual import norm_prologue_rstd, norm_prologue_tile
     gdc_wait, gdc_launch_dependents = gdc_functions()
 except Exception:  # ImportError, or a broken install raising anything
     triton = None
@@ -371,13 +373,12 @@ if triton is not None:
 
     @triton.jit
     def _fp8_gemv_tile(
-        acc_g, acc_u, wg, wu, x_ptr, xs_ptr, s_gate, s_up, offs_k, k_mask, w_mask, BS,
+        acc_g, acc_u, wg, wu, xk, xs_ptr, s_gate, s_up, offs_k, k_mask, w_mask, BS,
         W_SCALE: tl.constexpr, X_SCALE: tl.constexpr, GATE_UP: tl.constexpr, FAST_CVT: tl.constexpr,
         E5M2: tl.constexpr,
     ):
         """One K tile of `_fp8_gemv_kernel`: the loaded weight tiles wg (and wu) times x's
-        tile, added to the fp32 partials. Block scales are gathered per element."""
-        xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        tile xk (fp32), added to the fp32 partials. Block scales are gathered per element."""
         if X_SCALE == 2:  # per-block activation scale, per element
             xk = xk * tl.load(xs_ptr + offs_k // BS, mask=k_mask, other=0.0)
         if W_SCALE == 2:
@@ -395,11 +396,11 @@ if triton is not None:
 
     @triton.jit
     def _fp8_gemv_kernel(
-        x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, counter_ptr,
-        N, K, stride_wn, stride_wsn, stride_split, k_per_split, BS,
+        x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, counter_ptr, r_ptr, g_ptr, s_ptr,
+        N, K, stride_wn, stride_wsn, stride_split, k_per_split, BS, eps, offset,
         W_SCALE: tl.constexpr, X_SCALE: tl.constexpr, ACT: tl.constexpr,
         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-        FAST_CVT: tl.constexpr, E5M2: tl.constexpr,
+        FAST_CVT: tl.constexpr, E5M2: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """out[n] = scale * (Wq[n] . x) for one row x and this program's BLOCK_N outputs, on
@@ -407,7 +408,9 @@ if triton is not None:
         x into fp32 partials that are reduced over K once, at the end. ACT >= 0: the rows n
         (gate) and N + n (up) both, act(gate) * up stored. Block scales here (block sizes
         that fit no tile, see `_fp8_gemv_block_kernel`) are gathered per element. The first
-        weight tiles are loaded first: with USE_PDL while waiting for the kernel that writes x."""
+        weight tiles are loaded first: with USE_PDL while waiting for the kernel that writes x.
+        NORM (SPLIT_K == 1, X_SCALE == 0 only): x is the input of an RMSNorm that the kernel
+        computes itself (`rmsnorm_residual.norm_prologue_tile`, as in qkv._gemv_kernel)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         GATE_UP: tl.constexpr = ACT >= 0
@@ -430,7 +433,9 @@ if triton is not None:
         if USE_PDL:
             gdc_wait()
             gdc_launch_dependents()
-        acc_g, acc_u = _fp8_gemv_tile(acc_g, acc_u, wg, wu, x_ptr, xs_ptr, s_gate, s_up, offs_k, k_mask, w_mask,
+        s_cols = tl.where(pid_n == 0, K, 0)  # the first column block stores s
+        xk, sq = norm_prologue_tile(x_ptr, r_ptr, g_ptr, s_ptr, offs_k, k_mask, offset, s_cols, NORM, HAS_RES)
+        acc_g, acc_u = _fp8_gemv_tile(acc_g, acc_u, wg, wu, xk, xs_ptr, s_gate, s_up, offs_k, k_mask, w_mask,
                                       BS, W_SCALE, X_SCALE, GATE_UP, FAST_CVT, E5M2)
         for k0 in tl.range(BLOCK_K, k_per_split, BLOCK_K, num_stages=STAGES):
             offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
@@ -440,9 +445,13 @@ if triton is not None:
             wu = wg
             if GATE_UP:
                 wu = tl.load(w_up + offs_k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-            acc_g, acc_u = _fp8_gemv_tile(acc_g, acc_u, wg, wu, x_ptr, xs_ptr, s_gate, s_up, offs_k, k_mask,
+            xk, sq_k = norm_prologue_tile(x_ptr, r_ptr, g_ptr, s_ptr, offs_k, k_mask, offset, s_cols,
+                                          NORM, HAS_RES)
+            sq += sq_k
+            acc_g, acc_u = _fp8_gemv_tile(acc_g, acc_u, wg, wu, xk, xs_ptr, s_gate, s_up, offs_k, k_mask,
                                           w_mask, BS, W_SCALE, X_SCALE, GATE_UP, FAST_CVT, E5M2)
-        _gemv_finish(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), pid_n, pid_k, offs_n, n_mask, N, ws_ptr,
+        rstd = norm_prologue_rstd(sq, K, eps, NORM)
+        _gemv_finish(tl.sum(acc_g, axis=1) * rstd, tl.sum(acc_u, axis=1) * rstd, pid_n, pid_k, offs_n, n_mask, N, ws_ptr,
                      xs_ptr, b_ptr, out_ptr, part_ptr, counter_ptr, stride_split,
                      W_SCALE, X_SCALE, ACT, HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N)
 
@@ -980,31 +989,35 @@ def _compute_dtype(x_dtype: torch.dtype, device: torch.device):
 
 
 def _launch_gemv(x1: Tensor, xs: Tensor, x_scale: int, wq: Tensor, w_scale: Tensor, w_kind: str, block_size: int,
-                 bias: Optional[Tensor], act: Optional[str], out: Tensor, cfg: Fp8GemvConfig) -> None:
+                 bias: Optional[Tensor], act: Optional[str], out: Tensor, cfg: Fp8GemvConfig,
+                 norm: Optional[NormPrologue] = None) -> None:
     n_rows, k = wq.shape
     tiles = 2 if act else 1
     n_out = n_rows // tiles
     needs_blocks = w_kind == "block" or x_scale == _X_BLOCK
+    if norm is not None and (needs_blocks or x_scale != _X_NONE):
+        raise ValueError("the norm prologue takes weight-only tensor or channel scales")
     block_k, sub = _gemv_sub(cfg.block_k, k, block_size, needs_blocks)
-    split_k = max(1, min(cfg.split_k, triton.cdiv(k, block_k)))
+    split_k = 1 if norm is not None else max(1, min(cfg.split_k, triton.cdiv(k, block_k)))
     kps = k_per_split(k, block_k, split_k)
     grid = (triton.cdiv(n_out, cfg.block_n), split_k)
     counters = _arrival_counters(x1.device, grid[0]) if split_k > 1 and cfg.fused_reduce else None
     fused = counters is not None
     part = torch.empty((split_k, 1, n_rows), dtype=torch.float32, device=x1.device) if split_k > 1 else out
     b = bias if bias is not None else w_scale
-    args = (x1, xs, wq, w_scale, b, out, part, counters if fused else w_scale,
-            n_out, k, wq.stride(0), w_scale.stride(0) if w_kind == "block" else 1, part.stride(0), kps,
-            max(block_size, 1))
+    ptrs = (x1, xs, wq, w_scale, b, out, part, counters if fused else w_scale)
+    sizes = (n_out, k, wq.stride(0), w_scale.stride(0) if w_kind == "block" else 1, part.stride(0), kps,
+             max(block_size, 1))
     common = dict(W_SCALE=_scale_codes(w_kind), X_SCALE=x_scale, ACT=ACTS[act] if act else -1,
                   HAS_BIAS=bias is not None, SPLIT_K=split_k, FUSED_REDUCE=fused,
                   FAST_CVT=cfg.fast_cvt and x1.device.type == "cuda", E5M2=wq.dtype == torch.float8_e5m2,
                   BLOCK_N=cfg.block_n,
                   STAGES=cfg.num_stages, num_warps=cfg.num_warps, **pdl_launch(x1.device))
     if needs_blocks and sub:
-        _fp8_gemv_block_kernel[grid](*args, NB=block_k // sub, SUB=sub, **common)
+        _fp8_gemv_block_kernel[grid](*ptrs, *sizes, NB=block_k // sub, SUB=sub, **common)
     else:
-        _fp8_gemv_kernel[grid](*args, BLOCK_K=block_k, **common)
+        norm_ptrs, norm_scalars, flags = prologue_args(norm, x1)
+        _fp8_gemv_kernel[grid](*ptrs, *norm_ptrs, *sizes, *norm_scalars, BLOCK_K=block_k, **flags, **common)
     if split_k > 1 and not fused:
         _launch_reduce(part, bias, act, out.view(1, -1), split_k)
 
@@ -1099,6 +1112,39 @@ def fp8_linear_triton(
     x2, wq, w_scale, bias = _prepare(x, wq, w_scale, bias)
     out = _run_triton(x2, w_scale, _X_NONE, wq, w_scale, kind, block_size, bias, act, x.dtype, config)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def norm_gemv_fit(cfg: Fp8GemvConfig, n_out: int, tiles: int, device: torch.device) -> Fp8GemvConfig:
+    """`cfg` for a GEMV with the norm in its prologue (see qkv.norm_gemv_config): more rows a
+    program, the same weight elements an iteration, no split-K."""
+    sms = _sm_count(device)
+    block_n, block_k = cfg.block_n, cfg.block_k
+    while block_n * tiles < NORM_MIN_ROWS and triton.cdiv(n_out, 2 * block_n) >= 4 * sms and block_k >= 32:
+        block_n, block_k = block_n * 2, block_k // 2
+    return replace(cfg, block_n=block_n, block_k=block_k, split_k=1)
+
+
+def fp8_gemv_norm_triton(
+    x: Tensor, norm: NormPrologue, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None, *,
+    block_size: int = 0, act: Optional[str] = None,
+) -> Optional[Tensor]:
+    """The one-row weight-only GEMV of `rmsnorm(x + norm.residual)` in one kernel (the norm in
+    its prologue, x + residual written to norm.s), or None where that kernel does not take
+    the weight (block scales, or a shape tuned to a tl.dot kernel): the caller then runs the
+    norm and `fp8_linear` apart."""
+    kind = _check(x, wq, w_scale, bias, block_size, act)
+    if kind == "block" or x.numel() != x.shape[-1]:
+        return None
+    x2, wq, w_scale, bias = _prepare(x, wq, w_scale, bias)
+    cfg = _pick_config(1, wq, act, x.device)
+    if not isinstance(cfg, Fp8GemvConfig):
+        return None
+    n_out = wq.shape[0] // (2 if act else 1)
+    cfg = norm_gemv_fit(cfg, n_out, 2 if act else 1, x.device)
+    out = torch.empty(n_out, dtype=x.dtype, device=x.device)
+    if n_out:
+        _launch_gemv(x2.reshape(-1), w_scale, _X_NONE, wq, w_scale, kind, block_size, bias, act, out, cfg, norm)
+    return out.view(*x.shape[:-1], n_out)
 
 
 def quantize_activation_triton(

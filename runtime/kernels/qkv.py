@@ -21,7 +21,7 @@ Custom ops: `planlang::linear(x, w, bias) -> out` and `planlang::qkv_linear(x, w
 host. Inference only: no autograd formula is registered.
 """
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -29,11 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import gdc_functions, interpreter_on, pdl_launch, use_triton, register_op
+from .rmsnorm_residual import NormPrologue, prologue_args
 
 try:  # the module must import without triton; then only the reference runs
     import triton
     import triton.language as tl
     gdc_wait, gdc_launch_dependents = gdc_functions()
+    from .rmsnorm_residual import norm_prologue_rstd, norm_prologue_tile
 except Exception:  # ImportError, or a broken install raising anything
     triton = None
 
@@ -136,16 +138,19 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, b_ptr, out_ptr,
-        N, K, stride_wn, stride_split, k_per_split,
-        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+        x_ptr, w_ptr, b_ptr, out_ptr, r_ptr, g_ptr, s_ptr,
+        N, K, stride_wn, stride_split, k_per_split, eps, offset,
+        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """out[n-block] = w[n-block] @ x for ONE row x, on CUDA cores: tl.dot needs 16 rows,
         which would pad 15 of them and route the weight through shared memory. The weight
         streams as [BLOCK_N, BLOCK_K] tiles of whole 16-byte vectors along its rows; the fp32
         partial products stay [BLOCK_N, BLOCK_K] and are reduced over K once, at the end.
         SPLIT_K > 1: the fp32 partial goes to out[pid_k] (a workspace) for the reduce kernel.
+        NORM (SPLIT_K == 1 only): x is the input of an RMSNorm (plus r with HAS_RES; the sum
+        is stored to s by the first column block) and the GEMV computes `rmsnorm(x) @ w.T`
+        from it (`rmsnorm_residual.norm_prologue_tile`), so the norm needs no kernel of its own.
         The first weight tile is loaded before anything else: with USE_PDL that load is in
         flight while the program waits for the kernel that writes x."""
         pid_n = tl.program_id(0)
@@ -156,22 +161,25 @@ if triton is not None:
         k_lo = pid_k * k_per_split
         offs_k = k_lo + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
+        s_cols = tl.where(pid_n == 0, K, 0)  # the first column block stores s
         wt = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                      eviction_policy="evict_first")
         if USE_PDL:
             gdc_wait()
             gdc_launch_dependents()
-        xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        xk, sq = norm_prologue_tile(x_ptr, r_ptr, g_ptr, s_ptr, offs_k, k_mask, offset, s_cols, NORM, HAS_RES)
         acc = wt.to(tl.float32) * xk[None, :]
         # STAGES > 1: the weight tiles of the next iterations stream into shared memory meanwhile.
         for k0 in tl.range(BLOCK_K, k_per_split, BLOCK_K, num_stages=STAGES):
             offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            xk, sq_k = norm_prologue_tile(x_ptr, r_ptr, g_ptr, s_ptr, offs_k, k_mask, offset, s_cols,
+                                          NORM, HAS_RES)
+            sq += sq_k
             wt = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                          eviction_policy="evict_first")
             acc += wt.to(tl.float32) * xk[None, :]
-        out = tl.sum(acc, axis=1)
+        out = tl.sum(acc, axis=1) * norm_prologue_rstd(sq, K, eps, NORM)
         if SPLIT_K == 1:
             if HAS_BIAS:
                 out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -284,6 +292,26 @@ def gemv_config(n_rows: int, k: int, device: torch.device, tiles: int = 1) -> Ge
     return GemvConfig(block_n, block_k, split_k, num_warps, 1)
 
 
+# With the norm in the prologue every program reloads the input row, the residual and the
+# norm weight and does the norm's arithmetic for its K tiles: programs take at least this
+# many weight rows (gate and up rows counted apart), while 4 programs per SM remain.
+NORM_MIN_ROWS = 16
+
+
+@functools.lru_cache(maxsize=256)
+def norm_gemv_config(n_rows: int, k: int, device: torch.device, tiles: int = 1) -> GemvConfig:
+    """The one-row GEMV config when the norm runs in the GEMV's prologue (`gemv_triton` with
+    `norm`): `gemv_config`'s, with more rows a program (up to NORM_MIN_ROWS weight rows, at
+    least 4 programs per SM) and the same 4096 weight elements an iteration, no split-K."""
+    base = gemv_config(n_rows, k, device, tiles)
+    sms = _sm_count(device)
+    block_n = base.block_n
+    while block_n * tiles < NORM_MIN_ROWS and triton.cdiv(n_rows, 2 * block_n) >= 4 * sms:
+        block_n *= 2
+    block_k = max(16, min(triton.next_power_of_2(k), 4096 // (block_n * tiles)))
+    return GemvConfig(block_n, block_k, 1, base.num_warps, 1)
+
+
 def k_per_split(k: int, block_k: int, split_k: int) -> int:
     """K elements each split covers: whole K blocks, the last split masked at K."""
     return triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
@@ -349,10 +377,13 @@ def linear_triton(
 
 
 def gemv_triton(
-    x: Tensor, w: Tensor, bias: Optional[Tensor] = None, *, config: Optional[GemvConfig] = None
+    x: Tensor, w: Tensor, bias: Optional[Tensor] = None, *, config: Optional[GemvConfig] = None,
+    norm: Optional["NormPrologue"] = None,
 ) -> Tensor:
     """Triton GEMV `x @ w.T + bias` for ONE row of x (any leading shape of one element; fp32
-    accumulate, output in x's dtype). `config` overrides the heuristic (tests, sweeps)."""
+    accumulate, output in x's dtype). With `norm` (a `rmsnorm_residual.NormPrologue`) it is
+    `rmsnorm(x + norm.residual) @ w.T + bias` in one kernel, x + residual written to norm.s.
+    `config` overrides the heuristic (tests, sweeps)."""
     k = x.shape[-1]
     n = w.shape[0]
     if x.numel() != k:
@@ -363,19 +394,22 @@ def gemv_triton(
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     if n == 0:
         return out.view(*x.shape[:-1], n)
-    cfg = config or gemv_config(n, k, x.device)
+    cfg = config or (norm_gemv_config(n, k, x.device) if norm is not None else gemv_config(n, k, x.device))
+    if norm is not None and cfg.split_k > 1:  # the norm needs the whole row's sum of squares
+        cfg = replace(cfg, split_k=1)
     kps = k_per_split(k, cfg.block_k, cfg.split_k)
     b = bias.contiguous() if bias is not None else w  # a dummy pointer when there is no bias
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
     pdl = pdl_launch(x.device)
+    ptrs, scalars, flags = prologue_args(norm, x1)
     common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps, **pdl)
     if cfg.split_k == 1:
-        _gemv_kernel[grid](x1, w, b, out, n, k, w.stride(0), 0, kps, HAS_BIAS=bias is not None, SPLIT_K=1,
-                           **common)
+        _gemv_kernel[grid](x1, w, b, out, *ptrs, n, k, w.stride(0), 0, kps, *scalars, HAS_BIAS=bias is not None,
+                           SPLIT_K=1, **flags, **common)
     else:
         ws = torch.empty((cfg.split_k, 1, n), dtype=torch.float32, device=x.device)
-        _gemv_kernel[grid](x1, w, b, ws, n, k, w.stride(0), ws.stride(0), kps, HAS_BIAS=False,
-                           SPLIT_K=cfg.split_k, **common)
+        _gemv_kernel[grid](x1, w, b, ws, *ptrs, n, k, w.stride(0), ws.stride(0), kps, *scalars, HAS_BIAS=False,
+                           SPLIT_K=cfg.split_k, **flags, **common)
         _splitk_reduce_kernel[(triton.cdiv(n, 128),)](
             ws, b, out, 1, n, ws.stride(0), ws.stride(1), n,
             HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_M=1, BLOCK_N=128, num_warps=4, **pdl)

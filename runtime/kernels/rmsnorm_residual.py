@@ -65,6 +65,41 @@ def rmsnorm_reference(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0
 if triton is not None:
 
     @triton.jit
+    def norm_prologue_tile(x_ptr, r_ptr, g_ptr, s_ptr, offs_k, k_mask, offset, s_cols,
+                           NORM: tl.constexpr, HAS_RES: tl.constexpr):
+        """One K tile of a GEMV's input, for a GEMV that computes `rmsnorm(x + r) @ W.T`
+        itself (`norm_gemm`): with NORM, s = x + r rounded to x's dtype (as the unfused add
+        is; stored at the columns below `s_cols`: K in the program that writes s, 0 in the
+        others), returned as `s * (offset + g)` in fp32 with s^2 per element (the caller
+        adds those up across tiles and reduces once, in `norm_prologue_rstd`: a reduction
+        per tile would put a barrier in the weight stream). The GEMV multiplies its sums by
+        rsqrt(mean + eps) at the end: the norm's scale is one number per row, so it commutes
+        with the dot product. Without NORM, x in fp32 and 0."""
+        xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+        if NORM:
+            if HAS_RES:
+                r = tl.load(r_ptr + offs_k, mask=k_mask, other=0.0)
+                xk = (xk.to(tl.float32) + r.to(tl.float32)).to(s_ptr.dtype.element_ty)
+                tl.store(s_ptr + offs_k, xk, mask=offs_k < s_cols)
+            xf = xk.to(tl.float32)
+            sq = xf * xf
+            xf = xf * (offset + tl.load(g_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32))
+        else:
+            xf = xk.to(tl.float32)
+            sq = 0.0
+        return xf, sq
+
+    @triton.jit
+    def norm_prologue_rstd(sq, K, eps, NORM: tl.constexpr):
+        """The norm's 1 / rms from the squares of the whole row, summed over the tiles (1
+        without NORM)."""
+        if NORM:
+            r = tl.math.rsqrt(tl.sum(sq, axis=0) / K + eps)
+        else:
+            r = 1.0
+        return r
+
+    @triton.jit
     def _rmsnorm_rows_kernel(
         x_ptr, r_ptr, w_ptr, s_ptr, h_ptr,
         n_rows, n_cols, stride_x, stride_r, stride_s, stride_h,
@@ -186,6 +221,34 @@ def norm_config(n_rows: int, n_cols: int) -> NormConfig:
         rows, _, warps = row_config(n_rows, n_cols)
         return NormConfig(warps, rows_per_program=rows)
     return replace(TUNED_WIDE, num_warps=max(4, min(16, TUNED_WIDE.num_warps * block_n // 4096)))
+
+
+# ----------------------------------------------------------------------------- GEMV prologue
+@dataclass(frozen=True)
+class NormPrologue:
+    """What a one-row GEMV needs to compute the RMSNorm of its input itself
+    (`norm_prologue_tile`): the residual added first (None: the norm of x alone), the norm's
+    weight, eps and offset, and `s`, the buffer the sum x + residual is written to (the
+    residual stream's next value; None without a residual)."""
+    residual: Optional[Tensor]
+    weight: Tensor
+    eps: float
+    offset: float
+    s: Optional[Tensor] = None
+
+    def kernel_args(self, x1: Tensor) -> tuple[tuple, tuple, dict]:
+        """((r, g, s) pointers, (eps, offset), constexprs) for a GEMV on the row x1."""
+        return prologue_args(self, x1)
+
+
+def prologue_args(norm: Optional[NormPrologue], x1: Tensor) -> tuple[tuple, tuple, dict]:
+    """The prologue's kernel arguments; with no norm, dummies and NORM=False."""
+    if norm is None:
+        return (x1, x1, x1), (0.0, 0.0), dict(NORM=False, HAS_RES=False)
+    has_res = norm.residual is not None
+    r = norm.residual.reshape(-1) if has_res else x1
+    s = norm.s.view(-1) if has_res else x1
+    return (r, norm.weight, s), (float(norm.eps), float(norm.offset)), dict(NORM=True, HAS_RES=has_res)
 
 
 # ----------------------------------------------------------------------------- launcher

@@ -32,11 +32,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import use_triton, register_op
+from .backend import gdc_functions, pdl_launch, use_triton, register_op
 
 try:  # the module must import without triton; then only the reference runs
     import triton
     import triton.language as tl
+    gdc_wait, gdc_launch_dependents = gdc_functions()
 except Exception:  # ImportError, or a broken install raising anything
     triton = None
 
@@ -187,9 +188,14 @@ if triton is not None:
         HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
         QUANT: tl.constexpr = 0, E5M2: tl.constexpr = False, FMAX: tl.constexpr = 448.0,
         MANT: tl.constexpr = 3, EMIN: tl.constexpr = -6, ROUND_IN_FP32: tl.constexpr = False,
+        USE_PDL: tl.constexpr = False,
     ):
         """One program per token (b, t): rotate its q heads and k heads, write q_rot and
-        k_rot, and write k_rot and v into the caches at input_pos[t]."""
+        k_rot, and write k_rot and v into the caches at input_pos[t]. USE_PDL: waits for
+        the kernel before (which writes q, k, v) first."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         pid = tl.program_id(0)
         b = (pid // T).to(tl.int64)
         t = (pid % T).to(tl.int64)
@@ -285,7 +291,7 @@ def rope_kvcache_triton(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_HQ=block_hq,
         BLOCK_HKV=triton.next_power_of_2(hkv),
-        num_warps=4 if heads_elems <= 2048 else 8, **quant,
+        num_warps=4 if heads_elems <= 2048 else 8, **quant, **pdl_launch(q.device),
     )
     return q_rot, k_rot
 

@@ -23,6 +23,7 @@ reading x or storing; the one-row GEMV loads its first gate and up tiles before 
 Custom ops: `planlang::act_mul(gate_up, act)` and `planlang::swiglu_linear(x, w13, act)`, with
 fake implementations. Nothing synchronizes with the host. Inference only.
 """
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -30,13 +31,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import gdc_functions, pdl_launch, use_triton, register_op
+from .rmsnorm_residual import NormPrologue, prologue_args
 from .qkv import (SKINNY_MAX_M, SKINNY_TUNED, GemvConfig, SkinnyConfig, dot_needs_upcast, gemv_config,
-                  k_per_split, skinny_config)
+                  k_per_split, norm_gemv_config, skinny_config)
 
 try:  # the module must import without triton; then only the reference runs
     import triton
     import triton.language as tl
     gdc_wait, gdc_launch_dependents = gdc_functions()
+    from .rmsnorm_residual import norm_prologue_rstd, norm_prologue_tile
 except Exception:  # ImportError, or a broken install raising anything
     triton = None
 
@@ -178,17 +181,18 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_gemv_kernel(
-        x_ptr, w_ptr, out_ptr,
-        F_, K, stride_wn, stride_split, k_per_split,
-        ACT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+        x_ptr, w_ptr, out_ptr, r_ptr, g_ptr, s_ptr,
+        F_, K, stride_wn, stride_split, k_per_split, eps, offset,
+        ACT: tl.constexpr, SPLIT_K: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """The one-row case on CUDA cores (see qkv._gemv_kernel): gate = W1[n] @ x and up =
         W3[n] @ x for this program's BLOCK_N columns, each from [BLOCK_N, BLOCK_K] tiles of
         whole rows, fp32 partials reduced over K at the end. SPLIT_K == 1: store act(gate) *
         up. Otherwise store the fp32 partials [gate | up] in out[pid_k] for `_act_mul_kernel`.
-        The first gate and up tiles are loaded first: with USE_PDL while the program waits
-        for the kernel that writes x."""
+        NORM (SPLIT_K == 1 only): x is the input of an RMSNorm, computed here as in
+        qkv._gemv_kernel. The first gate and up tiles are loaded first: with USE_PDL while
+        the program waits for the kernel that writes x."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -199,26 +203,30 @@ if triton is not None:
         offs_k = k_lo + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         w_mask = n_mask[:, None] & k_mask[None, :]
+        s_cols = tl.where(pid_n == 0, K, 0)  # the first column block stores s
         wg = tl.load(w_gate + offs_k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
         wu = tl.load(w_up + offs_k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
         if USE_PDL:
             gdc_wait()
             gdc_launch_dependents()
-        xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        acc_g = wg.to(tl.float32) * xk
-        acc_u = wu.to(tl.float32) * xk
+        xk, sq = norm_prologue_tile(x_ptr, r_ptr, g_ptr, s_ptr, offs_k, k_mask, offset, s_cols, NORM, HAS_RES)
+        acc_g = wg.to(tl.float32) * xk[None, :]
+        acc_u = wu.to(tl.float32) * xk[None, :]
         # STAGES > 1: the weight tiles of the next iterations stream into shared memory meanwhile.
         for k0 in tl.range(BLOCK_K, k_per_split, BLOCK_K, num_stages=STAGES):
             offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             w_mask = n_mask[:, None] & k_mask[None, :]
-            xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            xk, sq_k = norm_prologue_tile(x_ptr, r_ptr, g_ptr, s_ptr, offs_k, k_mask, offset, s_cols,
+                                          NORM, HAS_RES)
+            sq += sq_k
             wg = tl.load(w_gate + offs_k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
             wu = tl.load(w_up + offs_k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-            acc_g += wg.to(tl.float32) * xk
-            acc_u += wu.to(tl.float32) * xk
-        gate = tl.sum(acc_g, axis=1)
-        up = tl.sum(acc_u, axis=1)
+            acc_g += wg.to(tl.float32) * xk[None, :]
+            acc_u += wu.to(tl.float32) * xk[None, :]
+        rstd = norm_prologue_rstd(sq, K, eps, NORM)
+        gate = tl.sum(acc_g, axis=1) * rstd
+        up = tl.sum(acc_u, axis=1) * rstd
         if SPLIT_K == 1:
             tl.store(out_ptr + offs_n, (_act_fp32(gate, ACT) * up).to(out_ptr.dtype.element_ty), mask=n_mask)
         else:
@@ -289,10 +297,12 @@ def swiglu_skinny_triton(
 
 
 def swiglu_gemv_triton(
-    x: Tensor, w13: Tensor, act: str = "silu", *, config: Optional[GemvConfig] = None
+    x: Tensor, w13: Tensor, act: str = "silu", *, config: Optional[GemvConfig] = None,
+    norm: Optional[NormPrologue] = None,
 ) -> Tensor:
     """The one-row fused kernel: x (one row, any leading shape) on w13 with act-mul in the
-    epilogue, on CUDA cores. `config` overrides the heuristic (tests, sweeps)."""
+    epilogue, on CUDA cores. With `norm` the input is `rmsnorm(x + norm.residual)`, computed
+    in the same kernel (see `qkv.gemv_triton`). `config` overrides the heuristic."""
     code = _act_code(act)
     k = x.shape[-1]
     f = w13.shape[0] // 2
@@ -304,16 +314,20 @@ def swiglu_gemv_triton(
     out = torch.empty((1, f), dtype=x.dtype, device=x.device)
     if f == 0:
         return out.view(*x.shape[:-1], f)
-    cfg = config or gemv_config(f, k, x.device, tiles=2)
+    cfg = config or (norm_gemv_config(f, k, x.device, tiles=2) if norm is not None
+                     else gemv_config(f, k, x.device, tiles=2))
+    if norm is not None and cfg.split_k > 1:  # the norm needs the whole row's sum of squares
+        cfg = replace(cfg, split_k=1)
     kps = k_per_split(k, cfg.block_k, cfg.split_k)
     grid = (triton.cdiv(f, cfg.block_n), cfg.split_k)
+    ptrs, scalars, flags = prologue_args(norm, x1)
     common = dict(ACT=code, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages,
-                  num_warps=cfg.num_warps, **pdl_launch(x.device))
+                  num_warps=cfg.num_warps, **flags, **pdl_launch(x.device))
     if cfg.split_k == 1:
-        _gate_up_gemv_kernel[grid](x1, w13, out, f, k, w13.stride(0), 0, kps, SPLIT_K=1, **common)
+        _gate_up_gemv_kernel[grid](x1, w13, out, *ptrs, f, k, w13.stride(0), 0, kps, *scalars, SPLIT_K=1, **common)
     else:
         ws = torch.empty((cfg.split_k, 1, 2 * f), dtype=torch.float32, device=x.device)
-        _gate_up_gemv_kernel[grid](x1, w13, ws, f, k, w13.stride(0), ws.stride(0), kps,
+        _gate_up_gemv_kernel[grid](x1, w13, ws, *ptrs, f, k, w13.stride(0), ws.stride(0), kps, *scalars,
                                    SPLIT_K=cfg.split_k, **common)
         _launch_act_mul(ws, out, code, cfg.split_k, ws.stride(0))
     return out.view(*x.shape[:-1], f)

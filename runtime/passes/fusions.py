@@ -41,10 +41,14 @@ class Site:
 
 
 class FusedWeights:
-    """Concatenated weights built once at apply time. The parts become views into the
-    fused tensor, so the model holds no second copy and still runs unplanned."""
+    """Concatenated weights built once at apply time. With `share` the parts become views
+    into the fused tensor, so the model holds no second copy and still runs unplanned;
+    without it (graphs handed to Inductor, which re-reads every parameter as the tensor
+    Dynamo traced, offsets included) the parts stay as they were and the fused tensor is a
+    copy."""
 
-    def __init__(self, precision=None) -> None:
+    def __init__(self, precision=None, share: bool = True) -> None:
+        self.share = share                # parts become views of the fused tensor (no second copy)
         self.tensors: dict[tuple, torch.Tensor] = {}
         self.part_rows: dict[tuple, list[int]] = {}   # fused key -> rows of each part
         self.precision = precision        # a passes.precision.PrecisionMap, or None
@@ -77,7 +81,8 @@ class FusedWeights:
         offset = 0
         for (m, n), p in zip(params, parts):
             rows = p.shape[0]
-            p.data = fused[offset: offset + rows]
+            if self.share:
+                p.data = fused[offset: offset + rows]
             offset += rows
         self.tensors[key] = fused
         return fused

@@ -7,10 +7,18 @@ padding. Real sequences own cache rows 0..B-1, so padding rows write only into c
 that no real sequence of this step owns, and their logits are never returned. Positions
 live in a static device tensor, so one graph serves every step; prefill (more than one
 token) runs eagerly through the same planned forward.
+
+Models that take their KV cache as an argument (Hugging Face causal LMs over a
+`transformers.StaticCache`, whose layers hold their own positions as a device counter) run
+through `CacheGraphRunner` instead: such a cache has a fixed batch, so there is no padding
+to a bucket; a decode step on a cache replays the graph captured for that cache at its
+first decode step (batches up to the largest bucket; `over_max` above it).
 """
 from __future__ import annotations
 
+import copy
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -111,3 +119,114 @@ class BucketRunner:
         self.pos.copy_(input_pos.reshape(1))
         g.graph.replay()
         return g.logits[:batch].clone()
+
+
+def _cache_layers(cache) -> Optional[list]:
+    """The layers of a static cache whose tensors and position counters exist, else None."""
+    layers = getattr(cache, "layers", None)
+    if not layers or type(cache).__name__ != "StaticCache":
+        return None
+    if not all(getattr(layer, "is_initialized", False) and hasattr(layer, "cumulative_length") for layer in layers):
+        return None
+    return list(layers)
+
+
+@dataclass
+class CacheGraph:
+    batch: int
+    graph: "torch.cuda.CUDAGraph"
+    input_ids: torch.Tensor   # [batch, 1] static input
+    output: object            # what the forward returned at capture (its logits: the static output)
+    kwargs: dict              # the call's other (non-tensor) arguments, which the graph bakes in
+
+
+class CacheGraphRunner:
+    """CUDA graphs for a model called Hugging Face's way: `forward(input_ids=..., cache=...)`.
+
+    A decode step (input_ids [B, 1], B <= the largest bucket, an initialized StaticCache
+    and no other tensor argument) replays the graph captured for that cache object at its
+    first decode step: the cache's tensors and its device-side position counters are the
+    graph's static state, so one graph serves every later step; the tokens are copied into
+    the static input. Warm-up runs before a capture would advance the cache's positions:
+    they are restored. Anything else (prefill, another calling pattern, a batch above the
+    largest bucket with over_max eager) runs the planned forward eagerly. Graphs of caches
+    that are gone are dropped; all graphs share one memory pool.
+    """
+
+    def __init__(self, forward: Callable, buckets: list[int], device: torch.device,
+                 over_max: str = "eager", warmup: int = 3):
+        self.forward = forward
+        self.buckets = sorted(buckets)
+        self.device = device
+        self.over_max = over_max
+        self.warmup = max(1, warmup)
+        self.graphs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self.pool = None
+        self.report = CaptureReport(self.buckets)
+        self.captures = 0
+
+    def _decode_call(self, args, kwargs):
+        """(input_ids, cache, other kwargs) when the call is a decode step a graph can take."""
+        if args or "input_ids" not in kwargs:
+            return None
+        ids = kwargs["input_ids"]
+        key = "cache" if "cache" in kwargs else "past_key_values"  # the name transformers < 5 used
+        cache = kwargs.get(key)
+        rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", key)}
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] != 1 or ids.device != self.device:
+            return None
+        if _cache_layers(cache) is None or any(isinstance(v, torch.Tensor) for v in rest.values()):
+            return None
+        return ids, cache, key, rest
+
+    def _capture(self, ids: torch.Tensor, cache, key: str, rest: dict) -> CacheGraph:
+        layers = _cache_layers(cache)
+        saved = [layer.cumulative_length.clone() for layer in layers]
+        static_ids = ids.clone()
+        call = dict(rest, input_ids=static_ids, **{key: cache})
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        t0 = time.perf_counter()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                self.forward(**call)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for layer, length in zip(layers, saved):  # the warm-ups advanced the positions
+            layer.cumulative_length.copy_(length)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = self.forward(**call)
+        self.report.capture_s += time.perf_counter() - t0
+        self.captures += 1
+        return CacheGraph(ids.shape[0], graph, static_ids, output, dict(rest))
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        found = self._decode_call(args, kwargs)
+        if found is None:
+            return self.forward(*args, **kwargs)
+        ids, cache, key, rest = found
+        batch = ids.shape[0]
+        if batch > self.buckets[-1]:
+            if self.over_max == "error":
+                raise ValueError(f"batch {batch} is larger than the largest bucket ({self.buckets[-1]}) "
+                                 "and graphs.over_max is error")
+            return self.forward(*args, **kwargs)
+        g = self.graphs.get(cache)
+        if g is None or g.batch != batch or g.kwargs != rest:
+            try:
+                g = self._capture(ids, cache, key, rest)
+            except Exception as exc:  # a host sync, an uncapturable op: this cache runs eagerly
+                self.report.failed[batch] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                torch.cuda.synchronize(self.device)
+                return self.forward(*args, **kwargs)
+            self.graphs[cache] = g
+        g.input_ids.copy_(ids)
+        g.graph.replay()
+        out = copy.copy(g.output)
+        logits = getattr(g.output, "logits", None)
+        if logits is not None:
+            out["logits"] = logits.clone()  # the next replay overwrites the static output
+        return out

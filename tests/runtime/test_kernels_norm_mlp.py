@@ -493,7 +493,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
-from planlang.runtime.kernels import fp8_linear as fp8, qkv, rmsnorm_residual as norm, swiglu
+from planlang.runtime.kernels import attention, fp8_linear as fp8, qkv, rmsnorm_residual as norm, swiglu
+from planlang.runtime.kernels import rope_kvcache as rope
 
 launches = []
 JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs))
@@ -504,7 +505,7 @@ def ptx(fn, args, kwargs):
     values = {**dict(zip(fn.arg_names, args)), **kwargs, "USE_PDL": True}
     sig, consts = {}, {}
     for p in fn.params:
-        v = values[p.name]
+        v = values[p.name] if p.name in values else p.default  # constexprs left at their defaults
         if p.is_constexpr:
             sig[p.name], consts[p.name] = "constexpr", v
         elif isinstance(v, torch.Tensor):
@@ -529,6 +530,9 @@ fp8.fp8_linear_triton(r(1, 64), w8, torch.rand(48, 2), block_size=32)
 fp8.fp8_linear_triton(r(4, 64), w8, torch.rand(48), act="silu", config=fp8.Fp8GemmConfig(16, 32, 32, 2))
 fp8.quantize_activation_triton(r(3, 64), "per_tensor")
 fp8.quantize_activation_triton(r(3, 64), "per_block", 32)
+kc, vc, pos = r(1, 2, 64, 16), r(1, 2, 64, 16), torch.tensor([5])
+rope.rope_kvcache_triton(r(1, 1, 4, 16), r(1, 1, 2, 16), r(1, 1, 2, 16), r(64, 16), r(64, 16), kc, vc, pos)
+attention.attention_triton(r(1, 1, 4, 16), kc, vc, pos, scale=0.25, num_splits=2)
 report = {}
 for fn, args, kwargs in launches:
     if fn.__name__ in report:
@@ -545,7 +549,7 @@ print(json.dumps(report))
 PDL_KERNELS = {"_gemv_kernel", "_splitk_reduce_kernel", "_skinny_gemm_kernel", "_gate_up_gemv_kernel",
                "_gate_up_skinny_kernel", "_act_mul_kernel", "_rmsnorm_rows_kernel", "_rmsnorm_looped_kernel",
                "_fp8_gemv_kernel", "_fp8_reduce_kernel", "_fp8_gemv_block_kernel", "_fp8_gemm_kernel",
-               "_quantize_rows_kernel", "_quantize_blocks_kernel"}
+               "_quantize_rows_kernel", "_quantize_blocks_kernel", "_rope_kvcache_kernel", "_decode_split_kernel"}
 # These load their weight tiles (constant data) before the wait: the overlap PDL buys.
 PREFETCHING = {"_gemv_kernel", "_gate_up_gemv_kernel", "_fp8_gemv_kernel", "_rmsnorm_rows_kernel"}
 

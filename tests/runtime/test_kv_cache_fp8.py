@@ -493,7 +493,14 @@ def test_gpu_planned_llama_tiny_with_an_fp8_cache_matches_its_eager_twin_in_cuda
             pos = torch.tensor([p], device="cuda")
             got, want = planned(tok[:, p:p + 1], pos), twin(tok[:, p:p + 1], pos)
             assert rel_err(got.float(), want.float()) < 3e-2, p  # bf16 kernels vs eager bf16: rounding only
-    for (_, a), (_, b) in zip(kv_caches(planned), kv_caches(twin)):
+    for layer, ((_, a), (_, b)) in enumerate(zip(kv_caches(planned), kv_caches(twin))):
         assert a.k_cache.dtype == torch.float8_e4m3fn
-        # v is written unrotated: the same codes from the kernel's conversion and torch's
-        assert torch.equal(a.v_cache[:, :, :PROMPT + STEPS].float(), b.v_cache[:, :, :PROMPT + STEPS].float())
+        va, vb = a.v_cache[:, :, :PROMPT + STEPS].float(), b.v_cache[:, :, :PROMPT + STEPS].float()
+        if layer == 0:
+            # v is written unrotated, from the same projection of the same embedding in both
+            # models: the same codes from the kernel's conversion and torch's
+            assert torch.equal(va, vb)
+        else:
+            # later layers' v comes from the fused attention's output, which differs from the
+            # eager model's by bf16 rounding: a code may move by one e4m3 step (2^-3 relative)
+            torch.testing.assert_close(va, vb, rtol=2 ** -3, atol=2 ** -9)
