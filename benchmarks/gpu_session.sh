@@ -8,6 +8,10 @@
 #          one run, then the attention and sampling kernels
 #   tune   the norm-GEMV and attention kernel sweeps, then
 #          `planlang tune builtin:llama-1b --budget 5 --max-error 0.1` (issue 12)
+#   precision  the FP8/format/KV-cache GPU tests and the accuracy of every number format
+#          on llama-tiny-trained with the real FP8 kernels (benchmarks/accuracy_formats.py)
+# The final bench takes about 7 minutes (torchao's compile is the slow part): give it
+# T_BENCH=480 and the other steps less, or drop torchao from --against.
 # Wheels for what the GPU image lacks (pydantic, lark, optuna, torchao) travel in .whl/.
 set -u
 OUT=${OUT:-/tmp/planlang_out}; mkdir -p "$OUT"
@@ -35,8 +39,8 @@ final)
   timeout ${T_TESTS:-150} python3 -m pytest -q -m gpu -p no:cacheprovider -rfs ${TESTS:-tests/runtime} \
     > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/gpu_tests.log"
   extra=""; [ -f plans/tuned_h100.yaml ] && extra=plans/tuned_h100.yaml
-  timeout ${T_BENCH:-560} python3 -m planlang.cli bench $extra $PLANS builtin:llama-1b \
-    --against eager,compile,torchao-fp8 --batch 1 --batch 16 --prefill ${PREFILL:-2048} --profile \
+  timeout ${T_BENCH:-480} python3 -m planlang.cli bench $extra $PLANS builtin:llama-1b \
+    --against ${AGAINST:-eager,compile,torchao-fp8} --batch 1 --batch 16 --prefill ${PREFILL:-2048} --profile \
     --eval-tokens 256 > "$OUT/bench_final.txt" 2> "$OUT/bench_final.err"
   timeout ${T_KB:-80} python3 benchmarks/bench_kernels_b.py --quick --out "$OUT/kernels_b.json" > "$OUT/kernels_b.txt" 2>&1
   tail -n 8 "$OUT/gpu_tests.log"; cat "$OUT/bench_final.txt"; tail -n 30 "$OUT/kernels_b.txt"
@@ -48,5 +52,12 @@ tune)
   timeout ${T_TUNE:-560} python3 -m planlang.cli tune builtin:llama-1b -o "$OUT/best.yaml" --budget 5 --max-error 0.1 \
     --storage "$OUT/tune.db" > "$OUT/tune.txt" 2>&1; echo "rc=$?" >> "$OUT/tune.txt"
   tail -n 60 "$OUT/tune.txt"
+  ;;
+precision)
+  timeout ${T_TESTS:-100} python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests/runtime/test_kernels_fp8.py tests/runtime/test_kv_cache_fp8.py tests/runtime/test_formats.py \
+    tests/runtime/test_precision.py > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/gpu_tests.log"
+  timeout ${T_ACC:-60} python3 benchmarks/accuracy_formats.py --out "$OUT/accuracy.json" > "$OUT/accuracy.txt" 2>&1
+  tail -n 3 "$OUT/gpu_tests.log"; cat "$OUT/accuracy.txt"
   ;;
 esac
