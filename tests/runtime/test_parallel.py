@@ -285,7 +285,9 @@ def _refusal(fn) -> dict:
 
 
 def scenario_refusals(rank, out, tmp: str):
-    bad = Path(tmp) / "bad_heads.yaml"
+    # a file per rank: the ranks run at once, and one rank's write must not truncate the
+    # file another is reading
+    bad = Path(tmp) / f"bad_heads_rank{rank}.yaml"
     bad.write_text(PLAN_BAD_HEADS)
     loaded = load_with_source(str(bad))
     model = builtin(tiny_config(dim=48, n_heads=3, n_kv_heads=3, ffn_dim=96))
@@ -295,7 +297,7 @@ def scenario_refusals(rank, out, tmp: str):
                                      and not hasattr(model, "_planlang_tp"))
     out["mismatch"] = _refusal(lambda: shard_model(builtin(tiny_config()), make_plan({"parallel": {"tensor": 4}}),
                                                    None, None))
-    norm = Path(tmp) / "norm_style.yaml"
+    norm = Path(tmp) / f"norm_style_rank{rank}.yaml"
     norm.write_text(PLAN_NORM_STYLE)
     loaded = load_with_source(str(norm))
     out["norm_style"] = _refusal(lambda: shard_model(builtin(tiny_config()), loaded.plan, None, loaded.source))
