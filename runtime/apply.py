@@ -468,9 +468,10 @@ def _capture_graphs(model: nn.Module, plan: Plan, forward: Callable, device: tor
     if not hasattr(model, "setup_caches"):  # the cache is an argument (Hugging Face): graphs per cache
         runner = CacheGraphRunner(forward, plan.graphs.buckets, device, plan.graphs.over_max, plan.graphs.warmup)
         report.graphs = {"buckets": list(runner.buckets), "capture": "per static cache, at its first decode step"}
-        report.notes.append("graphs: the model takes its KV cache as an argument: a decode step over a "
-                            "transformers.StaticCache replays the graph captured for that cache (no padding: "
-                            "such a cache has a fixed batch); other calls run eagerly")
+        report.notes.append("graphs: the model takes its KV cache as an argument: a decode step called with "
+                            "input_ids and a transformers.StaticCache (no other tensor argument: not generate(), "
+                            "which passes positions and a mask) replays the graph captured for that cache at its "
+                            "first decode step (no padding: such a cache has a fixed batch); other calls run eagerly")
         return runner
     vocab = model.config.vocab_size if not isinstance(model.config, dict) else model.config["vocab_size"]
     runner = BucketRunner(forward, plan.graphs.buckets, device, vocab, plan.graphs.over_max, plan.graphs.warmup)

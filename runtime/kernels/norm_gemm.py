@@ -28,9 +28,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import register_op, use_triton
-from .rmsnorm_residual import NormPrologue, rmsnorm_residual, rmsnorm_residual_reference, rmsnorm
 from . import qkv, swiglu
+from .backend import register_op, use_triton
+from .fp8_linear import fp8_gemv_norm_triton, fp8_linear, fp8_linear_reference
+from .rmsnorm_residual import NormPrologue, rmsnorm, rmsnorm_residual, rmsnorm_residual_reference
 
 _GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -38,7 +39,6 @@ _GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _gemm(h: Tensor, w: Tensor, w_scale: Optional[Tensor], bias: Optional[Tensor], block_size: int,
           act: Optional[str]) -> Tensor:
     if w_scale is not None:
-        from .fp8_linear import fp8_linear
         return fp8_linear(h, w, w_scale, bias, block_size=block_size, act=act)
     if act is not None:
         if bias is not None:
@@ -55,7 +55,6 @@ def rmsnorm_gemm_reference(
     """Plain PyTorch: the norm's reference, then the GEMM's (both as the unfused graph runs)."""
     s, h = rmsnorm_residual_reference(x, residual, g, eps, offset)
     if w_scale is not None:
-        from .fp8_linear import fp8_linear_reference
         y = fp8_linear_reference(h, w, w_scale, bias, block_size=block_size, act=act)
     elif act is not None:
         y = swiglu.swiglu_linear_reference(h, w, act)
@@ -68,7 +67,6 @@ def _one_row_kernel(x: Tensor, norm: NormPrologue, w: Tensor, w_scale: Optional[
                     block_size: int, act: Optional[str]) -> Optional[Tensor]:
     """The fused one-row GEMV, or None where no fused kernel takes these operands."""
     if w_scale is not None:
-        from .fp8_linear import fp8_gemv_norm_triton
         return fp8_gemv_norm_triton(x, norm, w, w_scale, bias, block_size=block_size, act=act)
     if x.dtype != w.dtype or x.dtype not in _GEMV_DTYPES or w.stride(-1) != 1:
         return None

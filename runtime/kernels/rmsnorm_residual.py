@@ -236,10 +236,6 @@ class NormPrologue:
     offset: float
     s: Optional[Tensor] = None
 
-    def kernel_args(self, x1: Tensor) -> tuple[tuple, tuple, dict]:
-        """((r, g, s) pointers, (eps, offset), constexprs) for a GEMV on the row x1."""
-        return prologue_args(self, x1)
-
 
 def prologue_args(norm: Optional[NormPrologue], x1: Tensor) -> tuple[tuple, tuple, dict]:
     """The prologue's kernel arguments; with no norm, dummies and NORM=False."""

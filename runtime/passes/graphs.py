@@ -122,13 +122,55 @@ class BucketRunner:
 
 
 def _cache_layers(cache) -> Optional[list]:
-    """The layers of a static cache whose tensors and position counters exist, else None."""
+    """The layers of a static cache a graph can take: every layer's tensors and device-side
+    position counter exist, and no layer decides anything on the host (a sliding-window
+    layer branches on a host-side length, which a replay would never advance; an
+    offloading cache moves tensors between devices). Else None."""
     layers = getattr(cache, "layers", None)
-    if not layers or type(cache).__name__ != "StaticCache":
+    if not layers or type(cache).__name__ != "StaticCache" or getattr(cache, "offloading", False):
         return None
-    if not all(getattr(layer, "is_initialized", False) and hasattr(layer, "cumulative_length") for layer in layers):
-        return None
+    for layer in layers:
+        if not getattr(layer, "is_initialized", False) or not hasattr(layer, "cumulative_length"):
+            return None
+        if getattr(layer, "is_sliding", False) or hasattr(layer, "cumulative_length_int"):
+            return None
     return list(layers)
+
+
+def _clone_outputs(value, cache):
+    """The forward's output with every tensor cloned (the next replay overwrites the static
+    ones) and the cache object passed through: tuples, lists and ModelOutput-like mappings."""
+    if value is cache or value is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone_outputs(v, cache) for v in value)
+    if hasattr(value, "keys") and hasattr(value, "__getitem__"):
+        out = copy.copy(value)
+        for k in list(value.keys()):
+            out[k] = _clone_outputs(value[k], cache)
+        return out
+    return value
+
+
+def _with_cache(value, placeholder, cache):
+    """`value` with `placeholder` swapped for `cache` (both ways: the stored output must not
+    hold the cache, or the weak table would keep every cache alive)."""
+    if value is placeholder:
+        return cache
+    if isinstance(value, (tuple, list)):
+        return type(value)(_with_cache(v, placeholder, cache) for v in value)
+    if hasattr(value, "keys") and hasattr(value, "__getitem__") and not isinstance(value, torch.Tensor):
+        out = copy.copy(value)
+        for k in list(value.keys()):
+            out[k] = _with_cache(value[k], placeholder, cache)
+        return out
+    return value
+
+
+class _CacheSlot:
+    """Stands for the cache inside a stored output."""
 
 
 @dataclass
@@ -136,21 +178,26 @@ class CacheGraph:
     batch: int
     graph: "torch.cuda.CUDAGraph"
     input_ids: torch.Tensor   # [batch, 1] static input
-    output: object            # what the forward returned at capture (its logits: the static output)
+    output: object            # what the forward returned at capture, the cache replaced by a slot
     kwargs: dict              # the call's other (non-tensor) arguments, which the graph bakes in
+
+
+_FAILED = object()  # a cache whose capture failed: it runs eagerly from then on
 
 
 class CacheGraphRunner:
     """CUDA graphs for a model called Hugging Face's way: `forward(input_ids=..., cache=...)`.
 
     A decode step (input_ids [B, 1], B <= the largest bucket, an initialized StaticCache
-    and no other tensor argument) replays the graph captured for that cache object at its
-    first decode step: the cache's tensors and its device-side position counters are the
-    graph's static state, so one graph serves every later step; the tokens are copied into
-    the static input. Warm-up runs before a capture would advance the cache's positions:
-    they are restored. Anything else (prefill, another calling pattern, a batch above the
-    largest bucket with over_max eager) runs the planned forward eagerly. Graphs of caches
-    that are gone are dropped; all graphs share one memory pool.
+    without sliding-window or offloading layers, and no other tensor argument) replays the
+    graph captured for that cache object at its first decode step: the cache's tensors and
+    its device-side position counters are the graph's static state, so one graph serves
+    every later step; the tokens are copied into the static input and every returned tensor
+    is a copy. Warm-up runs before a capture would advance the cache's positions: they are
+    restored, also when the capture fails (that cache then runs eagerly, without retrying).
+    Anything else (prefill, `generate`, which passes positions and a mask as tensors, a
+    batch above the largest bucket with over_max eager) runs the planned forward eagerly.
+    Graphs of caches that are gone are dropped; all graphs share one memory pool.
     """
 
     def __init__(self, forward: Callable, buckets: list[int], device: torch.device,
@@ -166,7 +213,8 @@ class CacheGraphRunner:
         self.captures = 0
 
     def _decode_call(self, args, kwargs):
-        """(input_ids, cache, other kwargs) when the call is a decode step a graph can take."""
+        """(input_ids, cache, its keyword, other kwargs) when the call is a decode step a graph
+        can take, else None."""
         if args or "input_ids" not in kwargs:
             return None
         ids = kwargs["input_ids"]
@@ -187,20 +235,22 @@ class CacheGraphRunner:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         t0 = time.perf_counter()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                self.forward(**call)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        for layer, length in zip(layers, saved):  # the warm-ups advanced the positions
-            layer.cumulative_length.copy_(length)
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(self.warmup):
+                    self.forward(**call)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        finally:  # the warm-ups advanced the positions, also when one of them failed
+            for layer, length in zip(layers, saved):
+                layer.cumulative_length.copy_(length)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             output = self.forward(**call)
         self.report.capture_s += time.perf_counter() - t0
         self.captures += 1
-        return CacheGraph(ids.shape[0], graph, static_ids, output, dict(rest))
+        return CacheGraph(ids.shape[0], graph, static_ids, _with_cache(output, cache, _CacheSlot), dict(rest))
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
@@ -215,18 +265,18 @@ class CacheGraphRunner:
                                  "and graphs.over_max is error")
             return self.forward(*args, **kwargs)
         g = self.graphs.get(cache)
+        if g is _FAILED:
+            return self.forward(*args, **kwargs)
         if g is None or g.batch != batch or g.kwargs != rest:
             try:
                 g = self._capture(ids, cache, key, rest)
             except Exception as exc:  # a host sync, an uncapturable op: this cache runs eagerly
                 self.report.failed[batch] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                torch.cuda.synchronize(self.device)
+                self.graphs[cache] = _FAILED
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
                 return self.forward(*args, **kwargs)
             self.graphs[cache] = g
         g.input_ids.copy_(ids)
         g.graph.replay()
-        out = copy.copy(g.output)
-        logits = getattr(g.output, "logits", None)
-        if logits is not None:
-            out["logits"] = logits.clone()  # the next replay overwrites the static output
-        return out
+        return _with_cache(_clone_outputs(g.output, _CacheSlot), _CacheSlot, cache)

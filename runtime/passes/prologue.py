@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.fx as fx
 
-from .graph import adopt, node_module
+from .graph import adopt, erase_unused, node_module
 
 
 class GemmOperands(NamedTuple):
@@ -102,8 +102,6 @@ def fold_norms(graph: fx.Graph) -> list[str]:
         if s_node is not None:
             adopt(new_s, s_node)
             s_node.replace_all_uses_with(new_s)
-        for dead in dict.fromkeys(d for d in (gemm, h_node, s_node, n) if d is not None):
-            if not dead.users:
-                graph.erase_node(dead)
+        erase_unused(graph, [d for d in dict.fromkeys((gemm, h_node, s_node, n)) if d is not None])
         folded.append(node_module(fused) or "")
     return folded

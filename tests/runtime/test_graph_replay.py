@@ -22,6 +22,8 @@ compares a replay with an eager run knows a graph really ran.
 from __future__ import annotations
 
 import contextlib
+import gc
+import weakref
 from typing import Callable, Optional
 
 import pytest
@@ -517,8 +519,7 @@ class EmulatedCUDAGraph:
         self.call = None
 
     def replay(self):
-        out = self.call()
-        self.output.logits.copy_(out.logits)
+        self.logits.copy_(self.call().logits)
 
 
 @contextlib.contextmanager
@@ -562,9 +563,12 @@ def runner_forward_recording(runner: CacheGraphRunner):
         graph = EmulatedCUDAGraph.current
         if graph is None:
             return real(*args, **kwargs)
-        graph.call = lambda: real(*args, **kwargs)
+        # A CUDA graph holds raw addresses, not the cache object: hold it weakly, as it does.
+        key = "past_key_values" if "past_key_values" in kwargs else "cache"
+        ref, rest = weakref.ref(kwargs[key]), {k: v for k, v in kwargs.items() if k != key}
+        graph.call = lambda: real(*args, **rest, **{key: ref()})
         out = real(*args, **kwargs)
-        graph.output = out
+        graph.logits = out.logits  # the static output a replay writes (not the output: it holds the cache)
         # A CUDA capture runs nothing: undo this call's effect on the cache positions.
         for layer in kwargs.get("past_key_values", kwargs.get("cache")).layers:
             layer.cumulative_length.sub_(kwargs["input_ids"].shape[1])
@@ -671,6 +675,57 @@ def test_calls_a_graph_cannot_take_run_eagerly_hf(hf_case):
                        attention_mask=mask, use_cache=True)
         hf_case.runner(input_ids=tokens[:, :1].contiguous(), use_cache=True)  # a dynamic cache
     assert seen == [] and hf_case.runner.captures == captures
+
+
+def test_returned_tensors_are_copies_of_the_static_output_hf(hf_case):
+    """A step's logits stay as they were after the next step replays the same graph."""
+    tokens = hf_case.tokens(2, seed=960)
+    cache = hf_case.cache(2)
+    with hf_graphs(hf_case) as seen, torch.no_grad(), kernels(hf_case.emulated):
+        hf_case.runner(input_ids=tokens[:, :PROMPT].contiguous(), past_key_values=cache, use_cache=True)
+        first = hf_case.runner(input_ids=tokens[:, PROMPT:PROMPT + 1].contiguous(), past_key_values=cache,
+                               use_cache=True)
+        kept = first.logits.clone()
+        second = hf_case.runner(input_ids=tokens[:, PROMPT + 1:PROMPT + 2].contiguous(), past_key_values=cache,
+                                use_cache=True)
+    assert seen == [2, 2]
+    assert same_bits(first.logits, kept) and not torch.equal(first.logits, second.logits)
+    assert getattr(second, "past_key_values", getattr(second, "cache", None)) is cache
+
+
+def test_a_cache_that_is_gone_takes_its_graph_with_it_hf(hf_case):
+    """The runner keeps graphs per cache in a weak table: a finished generation's cache (and
+    the KV tensors it holds) is not kept alive by its graph."""
+    with hf_graphs(hf_case):
+        hf_case.decode(hf_case.runner, hf_case.tokens(3, seed=965))  # its cache is dropped on return
+    gc.collect()
+    assert len(hf_case.runner.graphs) == 0
+
+
+def test_a_failed_capture_restores_the_positions_and_is_not_retried_hf(hf_case, monkeypatch):
+    tokens = hf_case.tokens(2, seed=975)
+    cache = hf_case.cache(2)
+    real, calls = hf_case.runner.forward, []
+
+    def flaky(*args, **kwargs):  # the prefill and the first warm-up run; the second fails
+        calls.append(kwargs["input_ids"].shape[1])
+        if len(calls) == 3:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real(*args, **kwargs)
+    with hf_graphs(hf_case) as seen, torch.no_grad(), kernels(hf_case.emulated):
+        monkeypatch.setattr(hf_case.runner, "forward", flaky)
+        captures = hf_case.runner.captures
+        hf_case.runner(input_ids=tokens[:, :PROMPT].contiguous(), past_key_values=cache, use_cache=True)
+        step = hf_case.runner(input_ids=tokens[:, PROMPT:PROMPT + 1].contiguous(), past_key_values=cache,
+                              use_cache=True)
+        assert all(int(layer.cumulative_length) == PROMPT + 1 for layer in cache.layers)
+        hf_case.runner(input_ids=tokens[:, PROMPT + 1:PROMPT + 2].contiguous(), past_key_values=cache,
+                       use_cache=True)
+        monkeypatch.setattr(hf_case.runner, "forward", real)
+    assert seen == [] and hf_case.runner.captures == captures
+    assert calls[3:] == [1, 1]  # the failed step and the next one ran eagerly, no second capture
+    assert torch.isfinite(step.logits).all()
+    assert 2 in hf_case.runner.report.failed
 
 
 @pytest.mark.gpu

@@ -86,17 +86,25 @@ def test_one_row_matches_the_norm_then_the_gemm(poisoned, kind, residual, dtype,
     check(y, y_unfused, gemm64(rmsnorm64(s_ref, g, 1e-5, offset)), dtype)
 
 
-@needs_triton
-def test_one_row_does_not_launch_the_norm_kernel(monkeypatch):
+def refuse_the_norm_kernel(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the norm kernel ran: the GEMV should compute the norm itself")
     monkeypatch.setattr(norm_mod, "rmsnorm_residual_triton", refuse)
     monkeypatch.setattr(ng, "rmsnorm_residual", refuse)
     monkeypatch.setattr(ng, "rmsnorm", refuse)
-    x, r, g = randn(1, 1, 64, dtype=torch.bfloat16), randn(1, 1, 64, dtype=torch.bfloat16), randn(64)
-    w = randn(48, 64, dtype=torch.bfloat16)
-    s, y = ng.rmsnorm_gemm(x, r, g.to(torch.bfloat16), 1e-6, 0.0, w)
-    assert s.shape == x.shape and y.shape == (1, 1, 48)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("residual", [True, False])
+def test_one_row_does_not_launch_the_norm_kernel(monkeypatch, kind, residual):
+    refuse_the_norm_kernel(monkeypatch)
+    dtype, k, n = torch.bfloat16, 64, 24
+    x, g = randn(1, 1, k, dtype=dtype), randn(k, dtype=dtype)
+    r = randn(1, 1, k, dtype=dtype) if residual else None
+    w, w_scale, bias, act, _ = _operands(kind, k, n, dtype)
+    s, y = ng.rmsnorm_gemm(x, r, g, 1e-6, 0.0, w, w_scale, bias, 0, act)
+    assert y.shape == (1, 1, n) and (s.shape == x.shape if residual else s.numel() == 0)
 
 
 @needs_triton
@@ -214,7 +222,10 @@ def test_the_pass_leaves_a_norm_read_twice_or_a_sum_read_before_the_gemm(two_rea
 @needs_cuda
 @pytest.mark.parametrize("kind,n", [("linear", 3072), ("swiglu", 8192), ("fp8_channel", 3072),
                                     ("fp8_channel_act", 8192), ("linear", 128256)])
-def test_gpu_llama_1b_shapes(poisoned, kind, n):
+def test_gpu_llama_1b_shapes(poisoned, monkeypatch, kind, n):
+    """At the decode shapes of Llama-1B (the tuned FP8 configs among them) the one-row op is
+    one kernel, and computes the norm and the GEMM within the dtype's tolerance."""
+    refuse_the_norm_kernel(monkeypatch)
     dtype, k = torch.bfloat16, 2048
     x, r, g = randn(1, 1, k, dtype=dtype), randn(1, 1, k, dtype=dtype), randn(k, dtype=dtype)
     w, w_scale, bias, act, gemm64 = _operands(kind, k, n, dtype)
@@ -223,3 +234,30 @@ def test_gpu_llama_1b_shapes(poisoned, kind, n):
     same_sum(s, s_ref)
     check(y, ng.rmsnorm_gemm_reference(x, r, g, 1e-5, 0.0, w, w_scale, bias, 0, act)[1],
           gemm64(rmsnorm64(s_ref, g, 1e-5, 0.0)), dtype)
+
+
+def test_the_pass_folds_a_norm_without_residual_into_swiglu_and_fp8_gemms():
+    """`rmsnorm` (no residual add) read by the fused gate/up GEMM, and by a weight-only FP8
+    GEMM with its block size and act: the operands land where rmsnorm_gemm takes them, and
+    the folded graph computes what the two ops did."""
+    import operator
+    from planlang.runtime.kernels import fp8_linear  # noqa: F401  (registers planlang::fp8_linear)
+    g = fx.Graph()
+    x, nw, w13, wq, ws = (g.placeholder(n) for n in ("x", "nw", "w13", "wq", "ws"))
+    h1 = g.call_function(torch.ops.planlang.rmsnorm.default, (x, nw, 1e-5, 1.0))
+    y1 = g.call_function(torch.ops.planlang.swiglu_linear.default, (h1, w13, "gelu_tanh"))
+    h2 = g.call_function(torch.ops.planlang.rmsnorm.default, (x, nw, 1e-5, 0.0))
+    y2 = g.call_function(torch.ops.planlang.fp8_linear.default, (h2, wq, ws, None, 0, "silu"))
+    g.output((y1, y2))
+    before = fx.GraphModule(torch.nn.Module(), g)
+    xs, nws = torch.randn(1, 32), torch.rand(32) + 0.5
+    w13s = torch.randn(48, 32) / 6
+    wqs, wss = quantize(torch.randn(40, 32) / 6, E4M3, "channel")
+    want = before(xs, nws, w13s, wqs, wss)
+    assert len(fold_norms(g)) == 2
+    fused = [n for n in g.nodes if n.target is torch.ops.planlang.rmsnorm_gemm.default]
+    assert [n.args[5:] for n in fused] == [(w13, None, None, 0, "gelu_tanh"), (wq, ws, None, 0, "silu")]
+    assert all(n.target is not operator.getitem or n.args[1] == 1 for n in g.nodes if n.users)
+    got = fx.GraphModule(torch.nn.Module(), g)(xs, nws, w13s, wqs, wss)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
