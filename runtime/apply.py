@@ -382,6 +382,10 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         report.notes.append(f"compile mode {plan.compile.mode} runs as {mode}: planlang captures the graphs")
     if mode != "none":
         report.notes.append(f"compiled with Inductor, mode {mode}")
+    if not weights.share and weights.tensors:
+        mib = sum(t.numel() * t.element_size() for t in weights.tensors.values()) / 2**20
+        report.notes.append(f"fused weights: copies beside the model's parameters ({mib:.1f} MiB more), since "
+                            "Inductor re-reads the parameters as Dynamo traced them; compile mode none shares them")
     if offload is not None:
         offload.arm()  # after fused weights exist, before graphs capture the copies
     forward = _capture_graphs(model, plan, forward, device, report)

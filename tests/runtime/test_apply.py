@@ -306,6 +306,7 @@ def test_compile_mode_default_hands_the_rewritten_graph_to_inductor():
         tokens = prompt_and_steps()
         got, want = decode(planned, tokens), decode(twin, tokens)
     assert "compiled with Inductor, mode default" in planned.report.notes
+    assert any(n.startswith("fused weights: copies beside the model's parameters") for n in planned.report.notes)
     assert model.layers[0].attn.wq.weight.data_ptr() == wq_before
     for step, (g, w) in enumerate(zip(got, want)):
         assert rel_err(g, w) < F32_TOL, f"call {step}"
