@@ -50,8 +50,8 @@ import torch
 import torch.fx as fx
 
 from .fusions import FusedWeights, FusionPass, Site, _const, erase_unused
-from .graph import (MUL_METHODS, MUL_TARGETS, GraphView, adopt, example, hint, is_add, is_call, node_module, same_dims,
-                    shape_dtype)
+from .graph import (MUL_METHODS, MUL_TARGETS, GraphView, adopt, example, hint, is_add, is_call, node_arg, node_module,
+                    same_dims, shape_dtype)
 
 _CASTS = {"to", "float", "type_as", "contiguous", "bfloat16", "half", "type"}
 
@@ -67,10 +67,6 @@ def _last_dim(n: fx.Node, dim: Any) -> bool:
     """Whether `dim` names n's last dimension."""
     sd = shape_dtype(n)
     return dim == -1 or (sd is not None and dim == len(sd[0]) - 1)
-
-
-def _arg(n: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
 
 
 # ----------------------------------------------------------------------------- caches
@@ -153,7 +149,7 @@ def _quantized(view: GraphView, value: Any) -> Optional[dict]:
             return None
     if not is_call(n, {torch.clamp, torch.clip}, ("clamp", "clip")):
         return None
-    lo, hi = _const(_arg(n, 1, "min")), _const(_arg(n, 2, "max"))
+    lo, hi = _const(node_arg(n, 1, "min")), _const(node_arg(n, 2, "max"))
     if lo is None or hi is None or lo != -hi or hi <= 0:
         return None
     nodes.append(n)
@@ -200,7 +196,7 @@ def _half_of(n: Any) -> Optional[tuple[fx.Node, int]]:
     src, idx = n.args
     if is_call(src, {torch.chunk}, ("chunk",)) and idx in (0, 1):
         x = src.args[0]
-        if _arg(src, 1, "chunks") == 2 and _last_dim(x, _arg(src, 2, "dim", 0)):
+        if node_arg(src, 1, "chunks") == 2 and _last_dim(x, node_arg(src, 2, "dim", 0)):
             return x, idx
         return None
     sd = shape_dtype(src)
@@ -223,7 +219,7 @@ def _rotate_half_input(n: Any) -> Optional[fx.Node]:
     """x when n is rotate_half(x) = cat([-x2, x1], -1) with x1, x2 the halves of x."""
     if not is_call(n, {torch.cat}) or not isinstance(n.args[0], (list, tuple)) or len(n.args[0]) != 2:
         return None
-    if not _last_dim(n, _arg(n, 1, "dim", 0)):
+    if not _last_dim(n, node_arg(n, 1, "dim", 0)):
         return None
     neg, first = n.args[0]
     if not is_call(neg, {operator.neg, torch.neg}, ("neg", "__neg__")):
@@ -489,7 +485,7 @@ def _ascending_arange(n: Any) -> bool:
     """arange(T), arange(a, b) or arange(a, b, step > 0)."""
     if not is_call(n, {torch.arange}):
         return False
-    step = _arg(n, 2, "step", 1)
+    step = node_arg(n, 2, "step", 1)
     return isinstance(step, (int, float)) and step > 0
 
 
@@ -670,7 +666,7 @@ def _kv_source_plain(view: GraphView, n: Any) -> tuple[Optional[fx.Node], Option
     n = _strip(n)
     rep = None
     if is_call(n, {torch.repeat_interleave}, ("repeat_interleave",)):
-        if _arg(n, 2, "dim") not in (1, -3) or not isinstance(n.args[1], int):
+        if node_arg(n, 2, "dim") not in (1, -3) or not isinstance(n.args[1], int):
             return None, None, n
         rep, n = n.args[1], _strip(n.args[0])
     elif n.op == "call_method" and n.target == "reshape" and is_call(n.args[0], set(), ("expand",)):
@@ -792,15 +788,15 @@ class AttentionPass(FusionPass):
 
     def _sdpa(self, view: GraphView, n: fx.Node) -> Found:
         q, k, v = n.args[:3]
-        mask = _arg(n, 3, "attn_mask")
+        mask = node_arg(n, 3, "attn_mask")
         if _kv_source(view, k)[0] is None:
             return _NOT_CACHED
-        if _const(_arg(n, 4, "dropout_p", 0.0)):
+        if _const(node_arg(n, 4, "dropout_p", 0.0)):
             return "dropout"
-        if _arg(n, 5, "is_causal", False):
+        if node_arg(n, 5, "is_causal", False):
             return ("is_causal=True aligns the mask to the top-left of the keys; only an explicit "
                     "position mask over the cache says which slots a query sees")
-        scale = _arg(n, 6, "scale")
+        scale = node_arg(n, 6, "scale")
         if mask is None:
             return "no attention mask: every cache slot would be attended"
         return self._site(view, q, k, v, n, _sdpa_mask(mask),
@@ -809,7 +805,7 @@ class AttentionPass(FusionPass):
 
     def _explicit(self, view: GraphView, sm: fx.Node) -> Optional[Found]:
         """Written-out attention around a softmax; None when the softmax is not attention-like."""
-        if not _last_dim(sm, _arg(sm, 1, "dim")):
+        if not _last_dim(sm, node_arg(sm, 1, "dim")):
             return None
         # forward: [drop the sink column], casts, dropout(p=0) -> @ v
         p, sink_slice = sm, None
@@ -826,7 +822,7 @@ class AttentionPass(FusionPass):
             elif p.op == "call_method" and p.target in _CASTS:
                 pass
             elif is_call(p, _DROPOUT):
-                if _const(_arg(p, 1, "p", 0.5)) and _arg(p, 2, "training", True):
+                if _const(node_arg(p, 1, "p", 0.5)) and node_arg(p, 2, "training", True):
                     return None
             else:
                 break

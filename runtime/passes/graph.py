@@ -48,6 +48,11 @@ def node_module(node: fx.Node) -> Optional[str]:
     return None
 
 
+def node_arg(n: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    """A call node's argument, given positionally (at i) or by keyword (name)."""
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+
+
 LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear}
 ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = ("add", "__add__", "__radd__", "add_", "__iadd__")

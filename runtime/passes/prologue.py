@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.fx as fx
 
-from .graph import adopt, erase_unused, node_module
+from .graph import adopt, erase_unused, node_arg, node_module
 
 
 class GemmOperands(NamedTuple):
@@ -33,24 +33,18 @@ class GemmOperands(NamedTuple):
     act: Optional[str]
 
 
-def _arg(n: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if len(n.args) > i:
-        return n.args[i]
-    return n.kwargs.get(name, default)
-
-
 def gemm_operands(n: Any) -> Optional[GemmOperands]:
     """The operands of a planlang GEMM op node, or None for any other node."""
     if not isinstance(n, fx.Node) or n.op != "call_function":
         return None
     ops = torch.ops.planlang
     if n.target in (ops.linear.default, ops.qkv_linear.default):
-        return GemmOperands(_arg(n, 0, "x"), _arg(n, 1, "w", _arg(n, 1, "w_qkv")), None, _arg(n, 2, "bias"), 0, None)
+        return GemmOperands(node_arg(n, 0, "x"), node_arg(n, 1, "w", node_arg(n, 1, "w_qkv")), None, node_arg(n, 2, "bias"), 0, None)
     if n.target is ops.swiglu_linear.default:
-        return GemmOperands(_arg(n, 0, "x"), _arg(n, 1, "w13"), None, None, 0, _arg(n, 2, "act", "silu"))
+        return GemmOperands(node_arg(n, 0, "x"), node_arg(n, 1, "w13"), None, None, 0, node_arg(n, 2, "act", "silu"))
     if hasattr(ops, "fp8_linear") and n.target is ops.fp8_linear.default:
-        return GemmOperands(_arg(n, 0, "x"), _arg(n, 1, "wq"), _arg(n, 2, "w_scale"), _arg(n, 3, "bias"),
-                            _arg(n, 4, "block_size", 0), _arg(n, 5, "act"))
+        return GemmOperands(node_arg(n, 0, "x"), node_arg(n, 1, "wq"), node_arg(n, 2, "w_scale"), node_arg(n, 3, "bias"),
+                            node_arg(n, 4, "block_size", 0), node_arg(n, 5, "act"))
     return None
 
 
@@ -61,14 +55,14 @@ def _norm_parts(n: fx.Node) -> Optional[tuple]:
         return None
     if n.target is ops.rmsnorm_residual.default:
         x, r, g, eps = n.args[:4]
-        offset = _arg(n, 4, "offset", 0.0)
+        offset = node_arg(n, 4, "offset", 0.0)
         outs = {u.args[1]: u for u in n.users if u.target is operator.getitem}
         if len(outs) != len(n.users) or 1 not in outs:
             return None
         return x, r, g, eps, offset, outs.get(0), outs[1]
     if n.target is ops.rmsnorm.default:
         x, g, eps = n.args[:3]
-        return x, None, g, eps, _arg(n, 3, "offset", 0.0), None, n
+        return x, None, g, eps, node_arg(n, 3, "offset", 0.0), None, n
     return None
 
 

@@ -372,24 +372,30 @@ def test_llama3_vocabulary_on_gpu_never_leaves_the_filtered_set(filters):
     check_distribution(tokens, rows.cpu(), temperature=0.9, **filters)
 
 
-@pytest.mark.gpu
-@gpu
-def test_sampling_replays_in_a_cuda_graph_with_a_device_offset():
-    logits = batch_of(two_rows(seed=18), draws=8).cuda()
+def replays_with_a_device_offset(logits, replays: int, **filters):
+    """One `sample` call captured in a CUDA graph that also advances its device offset: the
+    tokens of `replays` replays, and of one more replay after the offset is set back to 0."""
     seed = torch.tensor([5], device="cuda")
     offset = torch.tensor([0], device="cuda")
-    sample(logits, top_k=5, seed=seed, offset=offset)  # compile before capture
+    sample(logits, seed=seed, offset=offset, **filters)  # compile before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        tokens = sample(logits, top_k=5, seed=seed, offset=offset)
+        tokens = sample(logits, seed=seed, offset=offset, **filters)
         offset += 1
     seen = []
-    for _ in range(3):
+    for _ in range(replays):
         graph.replay()
         seen.append(tokens.clone())
     offset.fill_(0)
     graph.replay()
-    assert torch.equal(tokens, seen[0])
+    return seen, tokens.clone()
+
+
+@pytest.mark.gpu
+@gpu
+def test_sampling_replays_in_a_cuda_graph_with_a_device_offset():
+    seen, again = replays_with_a_device_offset(batch_of(two_rows(seed=18), draws=8).cuda(), 3, top_k=5)
+    assert torch.equal(again, seen[0])
     assert not torch.equal(seen[0], seen[1])
 
 
@@ -417,18 +423,6 @@ def test_split_path_on_a_llama3_vocabulary_follows_the_filtered_distribution(fil
 def test_split_path_replays_in_a_cuda_graph_with_a_device_offset():
     g = torch.Generator().manual_seed(21)
     logits = (torch.randn(1, 128256, generator=g) * 2.5).cuda()
-    seed = torch.tensor([5], device="cuda")
-    offset = torch.tensor([0], device="cuda")
-    sample(logits, top_p=0.9, seed=seed, offset=offset)  # compile before capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        tokens = sample(logits, top_p=0.9, seed=seed, offset=offset)
-        offset += 1
-    seen = []
-    for _ in range(8):
-        graph.replay()
-        seen.append(tokens.clone())
-    offset.fill_(0)
-    graph.replay()
-    assert torch.equal(tokens, seen[0])
+    seen, again = replays_with_a_device_offset(logits, 8, top_p=0.9)
+    assert torch.equal(again, seen[0])
     assert len({int(t) for t in seen}) > 1
