@@ -16,7 +16,8 @@ calls cycle through enough copies of the weight (>= 256 MiB in all) that each re
 weight from HBM, not L2, as a decode step does. TB/s counts the weight bytes (and scales) of
 one call. Copy bandwidth (1 GiB device-to-device copy_, read + written, median of 20) is
 measured in the same run. Correctness: max |out - reference| / max |reference| on the GPU.
-`--tune` sweeps the kernels' configs per shape and M and prints the best as FP8_TUNED
+BENCH_FP8_M1=skinny limits the one-row sweep to the skinny tensor-core kernel (and the
+config the dispatch picks today). `--tune` sweeps the kernels' configs per shape and M and prints the best as FP8_TUNED
 entries; `--jobs` compiles the Triton variants in that many processes first (Triton's cache
 is shared), so the timing pass finds them compiled. The last line is the headline: the
 decode step's linears (16 layers, M = 1), fp8 over bf16.
@@ -28,6 +29,7 @@ import itertools
 import json
 import math
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import sys
@@ -190,6 +192,13 @@ def sweep_configs(n: int, k: int, act, m: int) -> list:
     tiles = 2 if act else 1
     n_out = n // tiles
     out = []
+    if m == 1 and os.environ.get("BENCH_FP8_M1") == "skinny":  # only the skinny family (and today's config)
+        out = [c for c in [fp8._pick_config(1, torch.empty(n, k, device="meta"), act, torch.device("cuda"))]]
+        for (block_n, w_as_a), block_k, split, stages in itertools.product(
+                ((32, False), (64, True), (128, True)), (128, 256), (1, 2, 4), (3, 4)):
+            if k // split >= block_k:
+                out.append(Fp8GemmConfig(16, block_n, block_k, split, 4, stages, 1, w_as_a, True))
+        return out
     if m == 1:
         for block_k, block_n, split, warps in itertools.product((512, 1024, 2048), (1, 2, 4, 8, 16), (1, 2, 4),
                                                                  (4, 8)):
@@ -203,6 +212,12 @@ def sweep_configs(n: int, k: int, act, m: int) -> list:
             if block_n * block_k * tiles <= 16384:
                 out.append(Fp8GemvConfig(block_n, block_k, 1, 4, stages, True))
         out.append(Fp8GemvConfig(4, 1024 // tiles, 1, 4, 1, True, fast_cvt=True))
+        # the skinny tensor-core kernel at one row (x padded to 16 rows): its loads are
+        # pipelined through shared memory, which the CUDA-core GEMV's are not
+        for (block_n, w_as_a), block_k, split, stages in itertools.product(
+                ((32, False), (64, True), (128, True)), (128, 256), (1, 2, 4), (3, 4)):
+            if k // split >= block_k:
+                out.append(Fp8GemmConfig(16, block_n, block_k, split, 4, stages, 1, w_as_a, True))
     elif m <= 16:
         for (block_n, w_as_a), block_k, split in itertools.product(
                 ((32, False), (64, False), (64, True), (128, True)), (128, 256), (1, 2, 4)):

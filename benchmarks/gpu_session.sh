@@ -3,9 +3,13 @@
 # its output straight to $OUT (a call cut short still returns what finished):
 #   check  every GPU test; the kernel benchmark (attention, sampling); the two H100 decode
 #          plans on llama-1b at batch 1 and 16 with PDL off and on (plans only, --profile)
-#   final  GPU tests ($TESTS), then the tuned plan (plans/tuned_h100.yaml, if present) and the
-#          hand-written plans against eager, torch.compile(reduce-overhead) and torchao FP8 in
-#          one run, then the attention and sampling kernels
+#   final  GPU tests (only those $TESTS names), then the best bf16 plan (plans/tuned_h100.yaml,
+#          else h100_decode) and the FP8 plan against eager, torch.compile(reduce-overhead) and
+#          torchao FP8 in one run, the best plan alone at every bucket of it, then the
+#          attention and sampling kernels
+#   probe  this session's GPU tests, then A/B of the runtime switches in one process
+#          (benchmarks/bench_variants.py: PDL, the norm prologue, rope merged into attention),
+#          the FP8 GEMV config sweep at one row, the attention/sampling kernel benchmark
 #   tune   the norm-GEMV and attention kernel sweeps, then
 #          `planlang tune builtin:llama-1b --budget 5 --max-error 0.1` (issue 12)
 #   precision  the FP8/format/KV-cache GPU tests and the accuracy of every number format
@@ -34,16 +38,40 @@ check)
   timeout ${T_KB:-100} python3 benchmarks/bench_kernels_b.py --out "$OUT/kernels_b.json" > "$OUT/kernels_b.txt" 2>&1
   tail -n 5 "$OUT/gpu_tests.log"; cat "$OUT/bench_pdl0.txt" "$OUT/bench_pdl1.txt" | head -120
   ;;
-final)
-  # the GPU tests of what changed this session, then the headline bench, then the kernels
-  timeout ${T_TESTS:-150} python3 -m pytest -q -m gpu -p no:cacheprovider -rfs ${TESTS:-tests/runtime} \
+probe)
+  # what this session changed, then A/B measurements in one process (bench_variants.py) of
+  # the switches it added, the FP8 GEMV sweep at one row, and the attention/sampling kernels
+  timeout ${T_TESTS:-150} python3 -m pytest -q -m gpu -p no:cacheprovider -rfs \
+    tests/runtime/test_kernels_rope_attention.py tests/runtime/test_kernels_norm_gemm.py \
+    tests/runtime/test_graph_replay.py tests/runtime/test_kv_cache_fp8.py tests/runtime/test_kernels_attention.py \
     > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/gpu_tests.log"
-  extra=""; [ -f plans/tuned_h100.yaml ] && extra=plans/tuned_h100.yaml
-  timeout ${T_BENCH:-480} python3 -m planlang.cli bench $extra $PLANS builtin:llama-1b \
-    --against ${AGAINST:-eager,compile,torchao-fp8} --batch 1 --batch 16 --prefill ${PREFILL:-2048} --profile \
+  V="--variant base: --variant pdl:PLANLANG_PDL=1 --variant noprologue:PLANLANG_NORM_PROLOGUE=0
+     --variant norope:PLANLANG_ROPE_ATTENTION=0 --variant pdl_noprologue:PLANLANG_PDL=1,PLANLANG_NORM_PROLOGUE=0"
+  for p in h100_fp8_decode tuned_h100; do
+    timeout ${T_VAR:-160} python3 benchmarks/bench_variants.py plans/$p.yaml $V --batch 1 --batch 16 --rounds 5 \
+      --reps 30 --profile --out "$OUT/variants_$p.json" > "$OUT/variants_$p.txt" 2>&1; echo "rc=$?" >> "$OUT/variants_$p.txt"
+  done
+  BENCH_FP8_M1=skinny timeout ${T_FP8:-90} python3 benchmarks/bench_fp8.py --tune --ms 1 --jobs 14 \
+    --out "$OUT/fp8_m1.json" > "$OUT/fp8_m1.txt" 2>&1; echo "rc=$?" >> "$OUT/fp8_m1.txt"
+  timeout ${T_KB:-70} python3 benchmarks/bench_kernels_b.py --out "$OUT/kernels_b.json" > "$OUT/kernels_b.txt" 2>&1
+  tail -n 5 "$OUT/gpu_tests.log"; tail -n 40 "$OUT"/variants_*.txt; tail -n 30 "$OUT/fp8_m1.txt"; tail -n 40 "$OUT/kernels_b.txt"
+  ;;
+final)
+  # GPU tests only when $TESTS names them; the headline bench (batch 1 and 16 against every
+  # baseline), then the tuned plan alone at every bucket (the roofline's prediction per
+  # bucket), then the attention and sampling kernels
+  if [ -n "${TESTS:-}" ]; then
+    timeout ${T_TESTS:-150} python3 -m pytest -q -m gpu -p no:cacheprovider -rfs $TESTS \
+      > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/gpu_tests.log"
+  fi
+  best=plans/h100_decode.yaml; [ -f plans/tuned_h100.yaml ] && best=plans/tuned_h100.yaml
+  timeout ${T_BENCH:-400} python3 -m planlang.cli bench $best plans/h100_fp8_decode.yaml builtin:llama-1b \
+    --against ${AGAINST:-eager,compile,torchao-fp8} --batch 1 --batch 16 --prefill ${PREFILL:-0} --profile \
     --eval-tokens 256 > "$OUT/bench_final.txt" 2> "$OUT/bench_final.err"
-  timeout ${T_KB:-80} python3 benchmarks/bench_kernels_b.py --quick --out "$OUT/kernels_b.json" > "$OUT/kernels_b.txt" 2>&1
-  tail -n 8 "$OUT/gpu_tests.log"; cat "$OUT/bench_final.txt"; tail -n 30 "$OUT/kernels_b.txt"
+  timeout ${T_BUCKETS:-100} python3 -m planlang.cli bench $best builtin:llama-1b --against "" --prefill 0 \
+    > "$OUT/bench_buckets.txt" 2> "$OUT/bench_buckets.err"
+  timeout ${T_KB:-60} python3 benchmarks/bench_kernels_b.py --quick --out "$OUT/kernels_b.json" > "$OUT/kernels_b.txt" 2>&1
+  cat "$OUT/bench_final.txt" "$OUT/bench_buckets.txt"; tail -n 30 "$OUT/kernels_b.txt"
   ;;
 tune)
   # the kernel sweeps first (they set defaults), then the tune itself

@@ -6,8 +6,9 @@
    required fusion that finds no site fails here, still before the model is touched;
 3. build fused weights once (the parts become views of them: no second copy);
 4. rewrite each graph Dynamo hands us: fusion passes in `PASS_ORDER`, the precision pass,
-   then each norm folded into the GEMM that reads it (`passes/prologue.py`), then the
-   compile section (Inductor, or the rewritten graph run as is);
+   then each rope_kvcache merged into the attention that reads its queries
+   (`passes/rope_attention.py`), then each norm folded into the GEMM that reads it
+   (`passes/prologue.py`), then the compile section (Inductor, or the rewritten graph run as is);
 5. report: for each rule, the places it took and the kernel that runs there.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .passes.linear import LinearPass  # noqa: E402
 PASSES["linear"] = LinearPass()
 from .passes.graph import GraphView, capture
 from .passes.prologue import fold_norms
+from .passes.rope_attention import fuse_rope_attention
 from .parallel.tp import shard_model
 from .passes.precision import TORCH_DTYPES, PrecisionMap, PrecisionPass, check_device, gemm_errors, rule_path
 
@@ -202,6 +204,10 @@ def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kern
         _rewrite(view)
         if weights.precision:
             PrecisionPass().rewrite_graph(view, weights)
+        for path in fuse_rope_attention(gm.graph):
+            for i, rule, _ in rules:
+                if rule.kind in ("rope_kvcache", "attention") and path in rewritten.get(i, ()):
+                    kernels.setdefault(i, set()).add("rope_attention")
         for path in fold_norms(gm.graph):
             for i, rule, _ in rules:
                 if rule.kind == "rmsnorm_residual" and path in rewritten.get(i, ()):

@@ -342,6 +342,7 @@ def cmd_bench(args) -> int:
     catalog = load_catalog()
     target = catalog.get(device_target(device))
     launch_us = measure_kernel_cost_us(device, bw) if device.type == "cuda" else (target.launch_us if target else 5.0)
+    gemv_models = {}  # weight bytes per element -> (per-kernel cost us, streaming GB/s), measured once each
     rows: list[Row] = []
     notes = []
     profiles: dict[str, list] = {}
@@ -391,8 +392,11 @@ def cmd_bench(args) -> int:
         wb = 1.0 if any(d.startswith("fp8") for d in low) else 2.0
         tf = (target.tflops.get("bf16") if target else None) or 100.0
         graphs = plan.graphs.capture == "cuda_graph" and device.type == "cuda"
-        pred = (lambda b, kinds=kinds, wb=wb, graphs=graphs: predict_decode(
-            cfg, kinds, wb, b, context, bw, tf, launch_us, graphs).ms)
+        if device.type == "cuda" and wb not in gemv_models:
+            gemv_models[wb] = measure_gemv_model(device, bw, fp8=wb == 1.0)
+        cost, stream = gemv_models.get(wb, (launch_us, bw))
+        pred = (lambda b, kinds=kinds, wb=wb, graphs=graphs, cost=cost, stream=stream: predict_decode(
+            cfg, kinds, wb, b, context, bw, tf, cost, graphs, weight_bandwidth_gbs=stream).ms)
         decode_rows(f"plan {plan.name}", planned, planned, pred)
         saved = low_precision_saving(model, planned.report.precision)
         if saved:
@@ -425,7 +429,9 @@ def cmd_bench(args) -> int:
     result = {"model": lm.source, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "triton": _triton_version(), "context": context,
               "copy_bandwidth_gbs": bw, "catalog_bandwidth_gbs": target.memory_bandwidth_gbs if target else None,
-              "launch_us": launch_us, "rows": [r.__dict__ for r in rows], "notes": notes, "profile": profiles,
+              "launch_us": launch_us,
+              "gemv_models": {("fp8" if k == 1.0 else "bf16"): {"kernel_us": v[0], "stream_gbs": v[1]}
+                              for k, v in gemv_models.items()}, "rows": [r.__dict__ for r in rows], "notes": notes, "profile": profiles,
               "accuracy": accuracy}
     if args.format == "json":
         print(json.dumps(result, indent=2, default=str))
@@ -530,6 +536,44 @@ def measure_kernel_cost_us(device: torch.device, bandwidth_gbs: float, n: int = 
         return measure_launch_us(device)
 
 
+def measure_gemv_model(device: torch.device, bandwidth_gbs: float, fp8: bool = False) -> tuple[float, float]:
+    """(per-kernel cost in us, weight streaming rate in GB/s) of planlang's one-row GEMVs in
+    a replayed CUDA graph, fit as time = cost + bytes / rate over two weight shapes (2048 x
+    2048 and 16384 x 2048, bf16 `linear`, or with `fp8` e4m3 weights and channel scales
+    through `fp8_linear`), each cycled over enough copies to stream from HBM. The rate is
+    capped at the copy bandwidth and the cost at least the empty-kernel launch. Falls back
+    to (`measure_kernel_cost_us`, the copy bandwidth) where a GEMV cannot be captured."""
+    try:
+        from .bench import time_ms
+        from .kernels import qkv  # noqa: F401  (registers planlang::linear)
+        points = []
+        for n in (2048, 16384):
+            k = 2048
+            copies = max(4, (256 << 20) // (n * k * (1 if fp8 else 2)))
+            x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+            if fp8:
+                from .kernels.fp8_linear import fp8_linear
+                ws = [(torch.randn(n, k, device=device) * 0.05).to(torch.float8_e4m3fn) for _ in range(copies)]
+                sc = torch.rand(n, device=device) + 0.5
+                calls = [lambda w=w: fp8_linear(x, w, sc, None) for w in ws]
+            else:
+                ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(copies)]
+                calls = [lambda w=w: torch.ops.planlang.linear(x, w, None) for w in ws]
+            outs = [c() for c in calls]  # compile and warm up
+            torch.cuda.synchronize(device)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                outs = [c() for c in calls]
+            points.append((n * k * (1 if fp8 else 2), time_ms(g.replay, device, reps=20) / copies * 1e-3))
+            del ws, outs, g
+        (b1, t1), (b2, t2) = points
+        rate = min((b2 - b1) / max(t2 - t1, 1e-12), bandwidth_gbs * 1e9)
+        cost = max((t1 - b1 / rate) * 1e6, measure_launch_us(device))
+        return cost, rate / 1e9
+    except Exception:
+        return measure_kernel_cost_us(device, bandwidth_gbs), bandwidth_gbs
+
+
 def _triton_version():
     try:
         import triton
@@ -546,6 +590,9 @@ def _print_bench(r: dict) -> None:
               f"decode at context {r['context']}; copy bandwidth {r['copy_bandwidth_gbs']:.0f} GB/s measured"
               + (f", {r['catalog_bandwidth_gbs']:.0f} GB/s catalog" if r['catalog_bandwidth_gbs'] else "")
               + f"; per-kernel cost in a graph {r['launch_us']:.2f} us")
+    for kind, m in (r.get("gemv_models") or {}).items():
+        con.print(f"  {kind} GEMVs in a graph (the roofline's figures): {m['kernel_us']:.2f} us a kernel, "
+                  f"weights streamed at {m['stream_gbs']:.0f} GB/s")
     t = Table()
     for col in ("contender", "batch", "ms", "tokens/s", "floor ms", "x floor", "fp8 floor ms", "predicted ms",
                 "pred. error"):

@@ -18,7 +18,7 @@ _BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8_e4m3": 1, "fp8_e5m2":
 # Kernels one layer launches at decode, by whether each fusion is on (counted from the
 # built-in model's graph): fused, unfused.
 _KERNELS = {"rmsnorm_residual": (2, 12), "qkv": (1, 3), "swiglu": (1, 4), "rope_kvcache": (1, 16),
-            "attention": (2, 14)}
+            "attention": (1, 14)}  # decode attention merges its splits in the kernel
 _FIXED = 2  # o projection and down projection
 
 
@@ -34,8 +34,11 @@ class Prediction:
 
 def predict_decode(cfg, fusions: set, weight_dtype_bytes: float, batch: int, context: int,
                    bandwidth_gbs: float, tflops: float, launch_us: float, graphs: bool,
-                   eager_us: float = 25.0, linear_weight_bytes: float | None = None) -> Prediction:
-    """Predicted time of one decode step of a Llama-style model (`cfg` a ModelConfig)."""
+                   eager_us: float = 25.0, linear_weight_bytes: float | None = None,
+                   weight_bandwidth_gbs: float | None = None) -> Prediction:
+    """Predicted time of one decode step of a Llama-style model (`cfg` a ModelConfig).
+    `weight_bandwidth_gbs`: the rate GEMVs stream weights at (measured on the device,
+    `commands.measure_gemv_model`); the copy bandwidth when not given."""
     d, L, hd = cfg.dim, cfg.n_layers, cfg.head_dim
     q, kv, f, v = cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.ffn_dim, cfg.vocab_size
     linear_params = L * (d * (q + 2 * kv) + q * d + 3 * d * f)
@@ -46,11 +49,13 @@ def predict_decode(cfg, fusions: set, weight_dtype_bytes: float, batch: int, con
     act_bytes = batch * L * (8 * d + 4 * f) * 2
     total = wbytes + kv_bytes + act_bytes
     flops = 2 * batch * (linear_params + head_params) + 4 * batch * L * cfg.n_heads * hd * context
-    t_mem = total / (bandwidth_gbs * 1e9)
+    t_mem = (wbytes / (weight_bandwidth_gbs or bandwidth_gbs) + (kv_bytes + act_bytes) / bandwidth_gbs) / 1e9
     t_flop = flops / (tflops * 1e12)
     per_layer = sum(k[0] if name in fusions else k[1] for name, k in _KERNELS.items()) + _FIXED
     if batch == 1 and {"rmsnorm_residual", "qkv", "swiglu"} <= set(fusions):
         per_layer -= 2  # both norms run in the prologue of the QKV and gate/up GEMVs (passes/prologue.py)
+    if {"rope_kvcache", "attention"} <= set(fusions):
+        per_layer -= 1  # rope and the cache write run in the decode attention kernel (passes/rope_attention.py)
     launches = L * per_layer + 4
     overhead = launches * (launch_us if graphs else eager_us) * 1e-6
     t = max(t_mem, t_flop) + overhead

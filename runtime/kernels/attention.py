@@ -46,6 +46,7 @@ try:  # the module must import without triton: the reference still works then
     import triton.language as tl
 
     gdc_wait, gdc_launch_dependents = gdc_functions()
+    from planlang.runtime.kernels.rope_kvcache import _kv_quant
     _HAVE_TRITON = True
 except Exception:  # ImportError, or a broken install raising anything
     _HAVE_TRITON = False
@@ -153,14 +154,27 @@ if _HAVE_TRITON:
         stride_vb, stride_vh, stride_vs, stride_vd,
         stride_ob, stride_oh, stride_od,
         scale, softcap, window, S, Hq, Hkv, min_chunk, ks_ptr, vs_ptr,
+        kn_ptr, vn_ptr, cos_ptr, sin_ptr, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cos, stride_sin,
+        MAX_SEQ,
         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, FAST_TANH: tl.constexpr,
         KV_SCALED: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+        ROPE: tl.constexpr = False, QUANT: tl.constexpr = 0, E5M2: tl.constexpr = False,
+        FMAX: tl.constexpr = 448.0, MANT: tl.constexpr = 3, EMIN: tl.constexpr = -6,
+        ROUND_IN_FP32: tl.constexpr = False,
     ):
         """One (batch row, KV head, split): all GROUP query heads over one slice of the context.
         USE_PDL: waits first for the kernel before (which writes q and the caches).
+
+        ROPE (`rope_attention`): q_ptr holds the unrotated queries, kn_ptr / vn_ptr the new
+        token's key and value ([B, 1, Hkv, D] with the given strides). Every program rotates
+        its query heads (HF rotate_half, float32, rounded to q's dtype as `rope_kvcache`
+        rounds q_rot); the program whose slice holds the query's own position rotates the
+        key, writes it (QUANT 1: as FP8 codes over ks_ptr's scales) and the value into the
+        caches at that position, and synchronizes its threads before reading its slice. No
+        other program reads that position, so no other ordering is needed.
 
         The slice is computed on the device from input_pos: the visible range [lo, hi) is cut
         into at most NUM_SPLITS chunks of whole blocks. Without FUSED_REDUCE a program whose
@@ -195,12 +209,38 @@ if _HAVE_TRITON:
         g_ok = offs_g < GROUP
         d_ok = offs_d < HEAD_DIM  # a constexpr bound: the K/V loads stay vectorized and pipelined
 
-        q = tl.load(
-            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-            mask=g_ok[:, None] & d_ok[None, :], other=0.0,
-        )
+        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+        q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
         k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh
+        if ROPE:
+            HALF: tl.constexpr = HEAD_DIM // 2
+            # rotate_half(x)[d] = sign[d] * x[partner[d]]: -x[d + HALF] below HALF, x[d - HALF] above
+            partner = (offs_d + HALF) % HEAD_DIM
+            sign = tl.where(offs_d < HALF, -1.0, 1.0)
+            pos_vec = tl.zeros([BLOCK_D], dtype=tl.int32) + pos
+            in_range = (pos_vec >= 0) & (pos_vec < S) & (pos_vec < MAX_SEQ)  # else: zeros, no write
+            cs_ok = d_ok & in_range
+            cos = tl.load(cos_ptr + pos.to(tl.int64) * stride_cos + offs_d, mask=cs_ok, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + pos.to(tl.int64) * stride_sin + offs_d, mask=cs_ok, other=0.0).to(tl.float32)
+            q_pair = tl.load(q_rows + partner[None, :] * stride_qd, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+            q = (q.to(tl.float32) * cos[None, :] + (sign[None, :] * q_pair.to(tl.float32)) * sin[None, :]
+                 ).to(q_ptr.dtype.element_ty)
+            if split == n_active - 1:  # the slice holding the query's own position
+                kn = kn_ptr + b * stride_knb + kv_head * stride_knh
+                kx = tl.load(kn + offs_d, mask=d_ok, other=0.0)
+                k_pair = tl.load(kn + partner, mask=d_ok, other=0.0)
+                k_rot = (kx.to(tl.float32) * cos + (sign * k_pair.to(tl.float32)) * sin).to(kn_ptr.dtype.element_ty)
+                vx = tl.load(vn_ptr + b * stride_vnb + kv_head * stride_vnh + offs_d, mask=d_ok, other=0.0)
+                if QUANT != 0:
+                    k_rot = _kv_quant(k_rot.to(tl.float32), tl.load(ks_ptr + kv_head).to(tl.float32), QUANT, E5M2,
+                                      FMAX, MANT, EMIN, ROUND_IN_FP32)
+                    vx = _kv_quant(vx.to(tl.float32), tl.load(vs_ptr + kv_head).to(tl.float32), QUANT, E5M2,
+                                   FMAX, MANT, EMIN, ROUND_IN_FP32)
+                w_ok = d_ok & in_range
+                tl.store(k_base + pos * stride_ks + offs_d * stride_kd, k_rot.to(k_ptr.dtype.element_ty), mask=w_ok)
+                tl.store(v_base + pos * stride_vs + offs_d * stride_vd, vx.to(v_ptr.dtype.element_ty), mask=w_ok)
+                tl.debug_barrier()  # the slice below reads this position back
         if KV_SCALED:  # FP8 cache: the key scale joins the score scale
             scale = scale * tl.load(ks_ptr + kv_head).to(tl.float32)
 
@@ -466,6 +506,21 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def decode_common(q, k_cache, scale, softcap, window, sinks, k_scale, v_scale) -> dict:
+    """The launch arguments both kernels share (shapes, epilogue flags, FP8 scales)."""
+    Hq, D = q.shape[2], q.shape[3]
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    return dict(
+        scale=float(scale),
+        softcap=float(softcap) if softcap is not None else 1.0,
+        window=int(window) if window is not None else 0,
+        S=S, Hq=Hq, HEAD_DIM=D, GROUP=Hq // Hkv, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
+        ks_ptr=k_scale if k_scale is not None else q, vs_ptr=v_scale if v_scale is not None else q,
+        KV_SCALED=k_scale is not None,
+    )
+
+
 def attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -497,19 +552,9 @@ def attention_triton(
     tests; left out, shape-based defaults apply.
     """
     B, T, Hq, D = q.shape
-    Hkv, S = k_cache.shape[1], k_cache.shape[2]
     if out is None:
         out = torch.empty((B, T, Hq, D), dtype=q.dtype, device=q.device)
-    block_d = max(16, triton.next_power_of_2(D))
-    common = dict(
-        scale=float(scale),
-        softcap=float(softcap) if softcap is not None else 1.0,
-        window=int(window) if window is not None else 0,
-        S=S, Hq=Hq, HEAD_DIM=D, GROUP=Hq // Hkv, BLOCK_D=block_d,
-        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
-        ks_ptr=k_scale if k_scale is not None else q, vs_ptr=v_scale if v_scale is not None else q,
-        KV_SCALED=k_scale is not None,
-    )
+    common = decode_common(q, k_cache, scale, softcap, window, sinks, k_scale, v_scale)
     sinks_arg = sinks if sinks is not None else q  # never read when HAS_SINKS is False
     if T == 1:
         _launch_decode(q, k_cache, v_cache, input_pos, sinks_arg, out, common,
@@ -520,8 +565,15 @@ def attention_triton(
     return out
 
 
+def _NO_ROPE(q):
+    """The ROPE arguments of a plain decode launch (never read)."""
+    return dict(kn_ptr=q, vn_ptr=q, cos_ptr=q, sin_ptr=q, stride_knb=0, stride_knh=0, stride_vnb=0, stride_vnh=0,
+                stride_cos=0, stride_sin=0, MAX_SEQ=0)
+
+
 def _launch_decode(q, k_cache, v_cache, input_pos, sinks, out, common, block_n, num_splits, num_warps, num_stages,
-                   min_chunk=None, fused_reduce=True, waves=None):
+                   min_chunk=None, fused_reduce=True, waves=None, rope=None):
+    """The decode launch; `rope` (from `rope_attention`): the kernel's ROPE arguments."""
     B, _, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -540,7 +592,7 @@ def _launch_decode(q, k_cache, v_cache, input_pos, sinks, out, common, block_n, 
         q.stride(0), q.stride(2), q.stride(3),
         *k_cache.stride(), *v_cache.stride(),
         out.stride(0), out.stride(2), out.stride(3),
-        Hkv=Hkv, min_chunk=min_chunk,
+        Hkv=Hkv, min_chunk=min_chunk, **(rope or _NO_ROPE(q)),
         NUM_SPLITS=splits, FUSED_REDUCE=fused_reduce and splits > 1,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=q.device.type != "cuda",

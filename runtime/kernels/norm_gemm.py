@@ -23,6 +23,7 @@ The graph pass that makes these ops is `passes/prologue.py`. Custom op:
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -34,6 +35,43 @@ from .fp8_linear import fp8_gemv_norm_triton, fp8_linear, fp8_linear_reference
 from .rmsnorm_residual import NormPrologue, rmsnorm, rmsnorm_residual, rmsnorm_residual_reference
 
 _GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Which one-row GEMVs take the norm in their prologue, by kind: "linear" (a plain GEMV, QKV
+# and any projection), "head" (a plain GEMV of more than HEAD_ROWS outputs: the LM head,
+# whose thousands of programs would each redo the norm), "gate_up" (the fused SwiGLU GEMV),
+# "fp8" and "fp8_gate_up" (weight-only FP8). Kinds left out run the norm kernel, then the GEMV.
+# PLANLANG_NORM_PROLOGUE overrides it: 1 / on (every kind), 0 / off (none), or a comma list.
+PROLOGUE_ENV = "PLANLANG_NORM_PROLOGUE"
+PROLOGUE_KINDS = ("linear", "head", "gate_up", "fp8", "fp8_gate_up")
+PROLOGUE_DEFAULT = frozenset(PROLOGUE_KINDS)
+HEAD_ROWS = 32768
+
+
+def prologue_kinds() -> frozenset:
+    """The GEMV kinds that take the norm prologue now (PROLOGUE_DEFAULT unless the
+    environment says otherwise); a bad value is a ValueError naming the variable."""
+    raw = os.environ.get(PROLOGUE_ENV, "").strip().lower()
+    if not raw:
+        return PROLOGUE_DEFAULT
+    if raw in ("1", "on", "true", "yes", "all"):
+        return frozenset(PROLOGUE_KINDS)
+    if raw in ("0", "off", "false", "no", "none"):
+        return frozenset()
+    kinds = frozenset(k.strip() for k in raw.split(",") if k.strip())
+    bad = sorted(kinds - set(PROLOGUE_KINDS))
+    if bad:
+        raise ValueError(f"environment variable {PROLOGUE_ENV}={os.environ[PROLOGUE_ENV]!r}: unknown kind "
+                         f"{', '.join(bad)}; hint: 1, 0 or a comma list of {', '.join(PROLOGUE_KINDS)}")
+    return kinds
+
+
+def prologue_kind(w: Tensor, w_scale: Optional[Tensor], act: Optional[str]) -> str:
+    """The PROLOGUE_KINDS entry of a GEMM on weight `w`."""
+    if w_scale is not None:
+        return "fp8_gate_up" if act is not None else "fp8"
+    if act is not None:
+        return "gate_up"
+    return "head" if w.shape[0] > HEAD_ROWS else "linear"
 
 
 def _gemm(h: Tensor, w: Tensor, w_scale: Optional[Tensor], bias: Optional[Tensor], block_size: int,
@@ -91,7 +129,7 @@ def rmsnorm_gemm(
 ) -> tuple[Tensor, Tensor]:
     """(s, y) of the module docstring: one kernel for one row where Triton runs, else the
     norm kernel (or reference) and then the GEMM op."""
-    if fused_applies(x, residual, g):
+    if fused_applies(x, residual, g) and prologue_kind(w, w_scale, act) in prologue_kinds():
         s = torch.empty_like(x) if residual is not None else None
         y = _one_row_kernel(x, NormPrologue(residual, g, eps, offset, s), w, w_scale, bias, block_size, act)
         if y is not None:

@@ -37,8 +37,9 @@ EXPECTED_KERNELS = {
     "rmsnorm_residual": "planlang::rmsnorm, rmsnorm_gemm, rmsnorm_residual",
     "qkv": "planlang::qkv_linear",
     "swiglu": "planlang::swiglu_linear",
-    "rope_kvcache": "planlang::rope_kvcache",
-    "attention": "planlang::attention",
+    # rope + cache write merge into the attention that reads the queries (rope_attention)
+    "rope_kvcache": "planlang::rope_attention, rope_kvcache",
+    "attention": "planlang::attention, rope_attention",
 }
 
 

@@ -136,3 +136,31 @@ def test_the_per_kernel_cost_of_real_gemvs_is_at_least_an_empty_launch():
     launch = measure_launch_us(device)
     cost = measure_kernel_cost_us(device, copy_bandwidth_gbs(device))
     assert launch * 0.8 <= cost < 20.0, (launch, cost)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_the_gemv_model_fits_a_cost_and_a_rate_under_the_copy_bandwidth(fp8):
+    import torch
+    from planlang.runtime.bench import copy_bandwidth_gbs
+    from planlang.runtime.commands import measure_gemv_model, measure_launch_us
+    device = torch.device("cuda")
+    bw = copy_bandwidth_gbs(device)
+    cost, rate = measure_gemv_model(device, bw, fp8=fp8)
+    assert measure_launch_us(device) * 0.8 <= cost < 20.0 and 0.3 * bw <= rate <= bw, (cost, rate, bw)
+
+
+def test_prediction_counts_the_merged_kernels_and_the_streaming_rate():
+    from planlang.runtime.models.registry import build_builtin
+    from planlang.runtime.predict import predict_decode
+    cfg = build_builtin("llama-tiny").config
+    every = {"rmsnorm_residual", "qkv", "swiglu", "rope_kvcache", "attention"}
+    base = predict_decode(cfg, every, 2.0, 1, 128, 3000.0, 500.0, 2.0, True)
+    no_rope = predict_decode(cfg, every - {"rope_kvcache"}, 2.0, 1, 128, 3000.0, 500.0, 2.0, True)
+    # with rope and attention both fused, rope costs no launch of its own at decode
+    assert no_rope.launches - base.launches == cfg.n_layers * 16
+    assert base.launches == cfg.n_layers * (0 + 1 + 1 + 0 + 1 + 2) + 4  # norms folded, rope merged
+    slow = predict_decode(cfg, every, 2.0, 1, 128, 3000.0, 500.0, 2.0, True, weight_bandwidth_gbs=1500.0)
+    wbytes = base.bytes - 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 128 * 2 \
+        - cfg.n_layers * (8 * cfg.dim + 4 * cfg.ffn_dim) * 2
+    assert slow.ms - base.ms == pytest.approx(wbytes / 1500e9 * 1e3 - wbytes / 3000e9 * 1e3, rel=1e-6)

@@ -261,3 +261,40 @@ def test_the_pass_folds_a_norm_without_residual_into_swiglu_and_fp8_gemms():
     got = fx.GraphModule(torch.nn.Module(), g)(xs, nws, w13s, wqs, wss)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind,expected", [("linear", "linear"), ("swiglu", "gate_up"), ("fp8_channel", "fp8"),
+                                           ("fp8_channel_act", "fp8_gate_up")])
+def test_prologue_kind_names_each_gemm(kind, expected):
+    w, w_scale, _, act, _ = _operands(kind, 32, 8, torch.bfloat16)
+    assert ng.prologue_kind(w, w_scale, act) == expected
+    head = torch.empty(ng.HEAD_ROWS + 1, 32, dtype=torch.bfloat16)
+    assert ng.prologue_kind(head, None, None) == "head"
+
+
+@needs_triton
+@pytest.mark.parametrize("setting,fused", [("0", False), ("off", False), ("1", True), ("gate_up,fp8", False),
+                                           ("linear", True), ("linear,head", True)])
+def test_prologue_setting_picks_the_kernels(monkeypatch, poisoned, setting, fused):
+    """PLANLANG_NORM_PROLOGUE decides per GEMV kind (a plain linear here): fused means the norm
+    kernel never runs; unfused means exactly the norm op, then the GEMV op."""
+    monkeypatch.setenv(ng.PROLOGUE_ENV, setting)
+    dtype, k, n = torch.bfloat16, 64, 24
+    x, r, g = randn(1, k, dtype=dtype), randn(1, k, dtype=dtype), randn(k, dtype=dtype)
+    w = randn(n, k, dtype=dtype, scale=k ** -0.5)
+    if fused:
+        refuse_the_norm_kernel(monkeypatch)
+        s, y = ng.rmsnorm_gemm(x, r, g, 1e-5, 0.0, w)
+        assert y.shape == (1, n)
+        return
+    s, y = ng.rmsnorm_gemm(x, r, g, 1e-5, 0.0, w)
+    s2, h2 = norm_mod.rmsnorm_residual(x, r, g, 1e-5, 0.0)
+    assert torch.equal(s, s2) and torch.equal(y, qkv_mod.linear(h2, w, None))
+
+
+def test_prologue_setting_rejects_unknown_kinds(monkeypatch):
+    monkeypatch.setenv(ng.PROLOGUE_ENV, "linear,qkv")
+    with pytest.raises(ValueError, match="PLANLANG_NORM_PROLOGUE.*unknown kind qkv.*hint"):
+        ng.prologue_kinds()
+    monkeypatch.delenv(ng.PROLOGUE_ENV)
+    assert ng.prologue_kinds() == ng.PROLOGUE_DEFAULT
