@@ -46,7 +46,7 @@ probe)
     tests/runtime/test_graph_replay.py tests/runtime/test_kv_cache_fp8.py tests/runtime/test_kernels_attention.py \
     > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/gpu_tests.log"
   V="--variant base: --variant pdl:PLANLANG_PDL=1 --variant noprologue:PLANLANG_NORM_PROLOGUE=0
-     --variant norope:PLANLANG_ROPE_ATTENTION=0 --variant pdl_noprologue:PLANLANG_PDL=1,PLANLANG_NORM_PROLOGUE=0"
+     --variant nohead:PLANLANG_NORM_PROLOGUE=linear,gate_up,fp8,fp8_gate_up --variant norope:PLANLANG_ROPE_ATTENTION=0"
   for p in h100_fp8_decode tuned_h100; do
     timeout ${T_VAR:-160} python3 benchmarks/bench_variants.py plans/$p.yaml $V --batch 1 --batch 16 --rounds 5 \
       --reps 30 --profile --out "$OUT/variants_$p.json" > "$OUT/variants_$p.txt" 2>&1; echo "rc=$?" >> "$OUT/variants_$p.txt"
