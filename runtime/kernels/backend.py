@@ -66,16 +66,22 @@ PDL_DEFAULT = False
 _ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
 
 
-def _pdl_setting() -> bool:
-    raw = os.environ.get(PDL_ENV, "").strip().lower()
+def env_switch(name: str, default: bool, default_means: str) -> bool:
+    """An on/off environment variable (1 / on / true / yes, 0 / off / false / no; unset:
+    `default`); any other value is a ValueError naming it, with `default_means` in the hint."""
+    raw = os.environ.get(name, "").strip().lower()
     if raw in _ON:
         return True
     if raw in _OFF:
         return False
     if raw:
-        raise ValueError(f"environment variable {PDL_ENV}={os.environ[PDL_ENV]!r}: expected 0 or 1; "
-                         f"hint: unset it for the default ({'on' if PDL_DEFAULT else 'off'} on sm_90+)")
-    return PDL_DEFAULT
+        raise ValueError(f"environment variable {name}={os.environ[name]!r}: expected 0 or 1; "
+                         f"hint: unset it for the default ({default_means})")
+    return default
+
+
+def _pdl_setting() -> bool:
+    return env_switch(PDL_ENV, PDL_DEFAULT, f"{'on' if PDL_DEFAULT else 'off'} on sm_90+")
 
 
 @functools.lru_cache(maxsize=None)

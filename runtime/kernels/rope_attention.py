@@ -26,7 +26,6 @@ Inference only.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -34,20 +33,14 @@ from torch import Tensor
 
 from . import attention as attn
 from . import rope_kvcache as rk
-from .backend import register_op, use_triton
+from .backend import env_switch, register_op, use_triton
 
 # PLANLANG_ROPE_ATTENTION=0 keeps the two kernels at decode too (for A/B measurements).
 FUSE_ENV = "PLANLANG_ROPE_ATTENTION"
 
 
 def fused_kernel_enabled() -> bool:
-    raw = os.environ.get(FUSE_ENV, "").strip().lower()
-    if raw in ("", "1", "on", "true", "yes"):
-        return True
-    if raw in ("0", "off", "false", "no"):
-        return False
-    raise ValueError(f"environment variable {FUSE_ENV}={os.environ[FUSE_ENV]!r}: expected 0 or 1; "
-                     "hint: unset it for the default (fused)")
+    return env_switch(FUSE_ENV, True, "fused")
 
 
 def rope_attention_reference(
