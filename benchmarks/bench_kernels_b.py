@@ -106,6 +106,11 @@ def decode_case(batch: int, context: int, rows: list, sweep: bool):
                                                            block_n=block_n, min_chunk=min_chunk))
             rows.append(dict(case="decode_variant", batch=batch, context=context, block_n=block_n,
                              min_chunk=min_chunk, ours_softcap_ms=t, torch_ms=t_sdpa, ratio=t / t_sdpa))
+        # The fused merge one split a step (as before its tiled form) against the default tile.
+        t = bench_ms(lambda: attn_mod.attention_triton(q, k_cache, v_cache, pos, scale=scale, softcap=50.0,
+                                                       merge_splits=1))
+        rows.append(dict(case="decode_variant", batch=batch, context=context, merge_splits=1,
+                         ours_softcap_ms=t, torch_ms=t_sdpa, ratio=t / t_sdpa))
     if sweep:
         for block_n in (32, 64, 128):
             for warps in (2, 4, 8):
@@ -239,7 +244,7 @@ def print_table(rows: list) -> None:
         if r["case"] == "decode_sweep":
             note = f"block_n={r['block_n']} warps={r['num_warps']} splits={r['splits']}"
         elif r["case"] == "decode_variant":
-            note = f"block_n={r['block_n']} min_chunk={r['min_chunk']}"
+            note = ", ".join(f"{k}={r[k]}" for k in ("block_n", "min_chunk", "merge_splits") if k in r)
         elif r["case"] == "prefill_sweep":
             note = f"block_m={r['block_m']} block_n={r['block_n']} warps={r['num_warps']} stages={r['num_stages']}"
         elif "max_abs_err" in r:

@@ -15,8 +15,9 @@ over the keys already written in the cache:
 
 Two Triton kernels implement it. Decoding (T == 1) uses split-KV ("flash-decoding"): the
 grid is (batch, KV head, split); each program reads its slice of the context once for all
-the query heads of its group, and a small reduce kernel merges the splits by log-sum-exp
-(the sink enters there). Prefill (T > 1) uses a flash-attention kernel over tiles of
+the query heads of its group, and the last split of a (row, KV head) to finish merges the
+splits' partials by log-sum-exp in the same kernel (the sink enters there; a separate
+reduce kernel remains for `fused_reduce=False`). Prefill (T > 1) uses a flash-attention kernel over tiles of
 queries x keys. Neither reads the context length on the host: programs load input_pos
 themselves, so the op can be captured in a CUDA graph and replayed at any position.
 
@@ -157,6 +158,7 @@ if _HAVE_TRITON:
         kn_ptr, vn_ptr, cos_ptr, sin_ptr, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cos, stride_sin,
         MAX_SEQ,
         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+        BLOCK_S: tl.constexpr, MERGE_S: tl.constexpr, BLOCK_GM: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, FAST_TANH: tl.constexpr,
@@ -183,6 +185,9 @@ if _HAVE_TRITON:
         splits (one: that program writes the output, no partials); the splits past the
         active ones do nothing, and the last active split to finish (a per-(row, KV head)
         arrival counter, reset by that program) merges the partials: no second launch.
+        The merge reads every partial log-sum-exp at once ([BLOCK_S splits, BLOCK_GM heads]),
+        then the partial outputs MERGE_S splits at a time: its L2 round trips are
+        cdiv(n_active, MERGE_S) + 1, not one per split (the merge is the program's serial tail).
         """
         if USE_PDL:
             gdc_wait()
@@ -293,23 +298,9 @@ if _HAVE_TRITON:
                     arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
                     if arrived == n_active - 1:  # the last to arrive: all partials are written
                         tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-                        first = (b * Hq + heads) * NUM_SPLITS
-                        m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
-                        l_all = tl.zeros([BLOCK_G], tl.float32)
-                        acc_all = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-                        for s_idx in range(0, n_active):
-                            # .cg: read from L2, where the other programs' stores landed.
-                            lse = tl.load(part_lse_ptr + first + s_idx, mask=g_ok, other=0.0, cache_modifier=".cg")
-                            part = tl.load(part_out_ptr + (first + s_idx)[:, None] * HEAD_DIM + offs_d[None, :],
-                                           mask=gd_ok, other=0.0, cache_modifier=".cg")
-                            m_new = tl.maximum(m_all, lse)
-                            alpha = tl.exp2(m_all - m_new)
-                            w = tl.exp2(lse - m_new)
-                            l_all = l_all * alpha + w
-                            acc_all = acc_all * alpha[:, None] + part * w[:, None]
-                            m_all = m_new
-                        out = _decode_finish(acc_all, m_all, l_all, sinks_ptr, heads, g_ok, HAS_SINKS)
-                        tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=gd_ok)
+                        _decode_merge(part_out_ptr, part_lse_ptr, sinks_ptr, out_ptr, b, kv_head, n_active,
+                                      stride_ob, stride_oh, stride_od, Hq, HEAD_DIM, GROUP, NUM_SPLITS,
+                                      BLOCK_S, MERGE_S, BLOCK_GM, BLOCK_D, HAS_SINKS)
         elif NUM_SPLITS == 1:
             # The only split: apply the sink and write the output directly, no reduce launch.
             out = _decode_finish(acc, m_i, l_i, sinks_ptr, heads, g_ok, HAS_SINKS)
@@ -335,6 +326,45 @@ if _HAVE_TRITON:
             acc = acc * tl.exp2(m_i - m_all)[:, None]
             denom = l_i * tl.exp2(m_i - m_all) + tl.exp2(sink - m_all)
         return acc / tl.where(g_ok, denom, 1.0)[:, None]  # padding heads: 0, never stored
+
+    @triton.jit
+    def _decode_merge(part_out_ptr, part_lse_ptr, sinks_ptr, out_ptr, b, kv_head, n_active,
+                      stride_ob, stride_oh, stride_od, Hq,
+                      HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                      BLOCK_S: tl.constexpr, MERGE_S: tl.constexpr, BLOCK_GM: tl.constexpr,
+                      BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr):
+        """The fused reduce: the n_active partials of one (batch row, KV head) merged by
+        log-sum-exp and written as the GROUP heads' outputs. First every partial lse
+        ([BLOCK_S, BLOCK_GM], one load), their maximum and the denominator; then the partial
+        outputs in [MERGE_S, BLOCK_GM, BLOCK_D] tiles, each weighted by exp2(lse - max).
+        Loads bypass L1 (.cg): the other programs' stores landed in L2."""
+        offs_g = tl.arange(0, BLOCK_GM)
+        offs_d = tl.arange(0, BLOCK_D)
+        heads = kv_head * GROUP + offs_g
+        g_ok = offs_g < GROUP
+        d_ok = offs_d < HEAD_DIM
+        first = (b * Hq + heads) * NUM_SPLITS  # partials are [B, Hq, NUM_SPLITS, (D)]
+        offs_s = tl.arange(0, BLOCK_S)
+        sg_ok = (offs_s[:, None] < n_active) & g_ok[None, :]
+        lse = tl.load(part_lse_ptr + first[None, :] + offs_s[:, None], mask=sg_ok, other=float("-inf"),
+                      cache_modifier=".cg")
+        m_all = tl.max(lse, axis=0)  # finite for real heads: every active split holds a visible key
+        m_all = tl.where(g_ok, m_all, 0.0)
+        l_all = tl.sum(tl.exp2(lse - m_all[None, :]), axis=0)  # inactive splits: exp2(-inf) = 0
+        acc = tl.zeros([BLOCK_GM, BLOCK_D], tl.float32)
+        offs_c = tl.arange(0, MERGE_S)
+        for s0 in range(0, n_active, MERGE_S):
+            s_idx = s0 + offs_c
+            cg_ok = (s_idx[:, None] < n_active) & g_ok[None, :]  # [MERGE_S, BLOCK_GM]
+            row = first[None, :] + s_idx[:, None]
+            w = tl.exp2(tl.load(part_lse_ptr + row, mask=cg_ok, other=float("-inf"), cache_modifier=".cg")
+                        - m_all[None, :])
+            part = tl.load(part_out_ptr + row[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                           mask=cg_ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+            acc += tl.sum(part * w[:, :, None], axis=0)
+        out = _decode_finish(acc, m_all, l_all, sinks_ptr, heads, g_ok, HAS_SINKS)
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _decode_reduce_kernel(
@@ -540,6 +570,7 @@ def attention_triton(
     min_chunk: Optional[int] = None,
     fused_reduce: bool = True,
     waves: Optional[float] = None,
+    merge_splits: Optional[int] = None,
     out: Optional[torch.Tensor] = None,
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
@@ -548,7 +579,7 @@ def attention_triton(
     ([B, T, Hq, D], any strides; allocated when not given).
 
     The keyword tuning knobs (`block_n`, `block_m`, `num_splits`, `num_warps`,
-    `num_stages`; for decode `min_chunk`, `fused_reduce`, `waves`) exist for benchmarks and
+    `num_stages`; for decode `min_chunk`, `fused_reduce`, `waves`, `merge_splits`) exist for benchmarks and
     tests; left out, shape-based defaults apply.
     """
     B, T, Hq, D = q.shape
@@ -558,7 +589,8 @@ def attention_triton(
     sinks_arg = sinks if sinks is not None else q  # never read when HAS_SINKS is False
     if T == 1:
         _launch_decode(q, k_cache, v_cache, input_pos, sinks_arg, out, common,
-                       block_n, num_splits, num_warps, num_stages, min_chunk, fused_reduce, waves)
+                       block_n, num_splits, num_warps, num_stages, min_chunk, fused_reduce, waves,
+                       merge_splits=merge_splits)
     else:
         _launch_prefill(q, k_cache, v_cache, input_pos, sinks_arg, out, common, causal,
                         block_m, block_n, num_warps, num_stages)
@@ -571,8 +603,23 @@ def _NO_ROPE(q):
                 stride_cos=0, stride_sin=0, MAX_SEQ=0)
 
 
+def merge_tile(splits: int, group: int, block_d: int, num_warps: int, merge_splits: Optional[int] = None) -> dict:
+    """The fused reduce's tile constexprs: BLOCK_S (every split's lse in one load), BLOCK_GM
+    (the group's heads) and MERGE_S, the splits whose partial outputs one step of the merge
+    loads: as many as about 32 float32 values a thread allow (4 warps, head dim 64, group 4:
+    16 splits, so Llama-1B's up to 16 working splits merge in one step). `merge_splits`
+    overrides it (benchmarks; 1 is one split a step)."""
+    block_s = triton.next_power_of_2(max(splits, 1))
+    block_gm = triton.next_power_of_2(max(group, 1))
+    if merge_splits is None:
+        room = max(1, (32 * 32 * num_warps) // (block_gm * block_d))
+        merge_splits = 1 << (room.bit_length() - 1)  # a power of two, at most `room`
+    return dict(BLOCK_S=block_s, BLOCK_GM=block_gm,
+                MERGE_S=min(block_s, triton.next_power_of_2(max(int(merge_splits), 1))))
+
+
 def _launch_decode(q, k_cache, v_cache, input_pos, sinks, out, common, block_n, num_splits, num_warps, num_stages,
-                   min_chunk=None, fused_reduce=True, waves=None, rope=None):
+                   min_chunk=None, fused_reduce=True, waves=None, rope=None, merge_splits=None):
     """The decode launch; `rope` (from `rope_attention`): the kernel's ROPE arguments."""
     B, _, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
@@ -587,6 +634,7 @@ def _launch_decode(q, k_cache, v_cache, input_pos, sinks, out, common, block_n, 
     part_out = torch.empty((B, Hq, splits, D) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((B, Hq, splits) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
     counters = _arrival_counters(q.device, B * Hkv) if fused_reduce and splits > 1 else part_lse
+    num_warps = num_warps or 4
     _decode_split_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, input_pos, sinks, part_out, part_lse, out, counters,
         q.stride(0), q.stride(2), q.stride(3),
@@ -594,10 +642,11 @@ def _launch_decode(q, k_cache, v_cache, input_pos, sinks, out, common, block_n, 
         out.stride(0), out.stride(2), out.stride(3),
         Hkv=Hkv, min_chunk=min_chunk, **(rope or _NO_ROPE(q)),
         NUM_SPLITS=splits, FUSED_REDUCE=fused_reduce and splits > 1,
+        **merge_tile(splits, group, common["BLOCK_D"], num_warps, merge_splits),
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), DOT_UPCAST=q.device.type != "cuda",
         FAST_TANH=q.device.type == "cuda" and q.dtype != torch.float32,
-        num_warps=num_warps or 4, num_stages=num_stages or (3 if half else 2),
+        num_warps=num_warps, num_stages=num_stages or (3 if half else 2),
         **common, **pdl_launch(q.device),
     )
     if splits > 1 and not fused_reduce:

@@ -155,6 +155,33 @@ def test_decode_gives_the_same_result_for_any_number_of_splits(num_splits, fused
 
 
 @needs_triton
+@pytest.mark.parametrize("merge_splits", [1, 2, 4, None])
+@pytest.mark.parametrize("Hq", [4, 6])
+def test_fused_merge_gives_the_same_result_for_any_tile_of_splits(merge_splits, Hq):
+    # 5 working splits of a 70-key context (blocks of 16): tiles of 1, 2 and 4 splits leave a
+    # partly filled last tile, None takes them all in one. Hq 6 over 2 KV heads: a group of
+    # 3 heads padded to 4. Sinks join the merged denominator.
+    q, k, v, pos, sinks = make_case(T=1, Hq=Hq, sinks=True, seed=21)
+    kwargs = dict(scale=0.3, softcap=4.0, sinks=sinks)
+    expected = naive_attention_f64(q, k, v, pos, **kwargs)
+    for _ in range(2):  # the arrival counters are reset for the second launch
+        actual = run_kernel(q, k, v, pos, num_splits=5, min_chunk=16, merge_splits=merge_splits, **kwargs)
+        assert_close(actual, expected, torch.float32)
+
+
+def test_merge_tile_fits_llama_1b_in_one_step_and_stays_a_power_of_two():
+    pytest.importorskip("triton")
+    # Llama-1B decode: up to 32 splits, group 4, head dim 64, 4 warps: 16 splits a step.
+    assert attn_mod.merge_tile(32, 4, 64, 4) == dict(BLOCK_S=32, BLOCK_GM=4, MERGE_S=16)
+    # A group of 16 heads at head dim 128: 2 splits a step; 32 heads (MQA-like): 1 (serial).
+    assert attn_mod.merge_tile(24, 16, 128, 4) == dict(BLOCK_S=32, BLOCK_GM=16, MERGE_S=2)
+    assert attn_mod.merge_tile(24, 32, 128, 4)["MERGE_S"] == 1
+    # Never more than BLOCK_S; an explicit tile is rounded up to a power of two.
+    assert attn_mod.merge_tile(3, 1, 16, 8)["MERGE_S"] == 4
+    assert attn_mod.merge_tile(64, 4, 64, 4, merge_splits=3)["MERGE_S"] == 4
+
+
+@needs_triton
 def test_decode_short_context_uses_one_split_of_at_least_min_chunk_keys():
     # A 40-key window: one working split of the eight (min_chunk 64 or 256), writing the output itself.
     q, k, v, pos, sinks = make_case(T=1, sinks=True, seed=12)
