@@ -31,13 +31,13 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
 
 import torch
 
+from planlang.runtime.bench import graph_time_us
 from planlang.runtime.kernels import fp8_linear as fp8
 from planlang.runtime.kernels import qkv as qkv_mod
 from planlang.runtime.kernels import swiglu as swiglu_mod
@@ -56,39 +56,9 @@ E4M3 = torch.float8_e4m3fn
 
 
 # ----------------------------------------------------------------------------- timing
-def graph_us(calls: list, reps: int = 15) -> float:
-    """Median microseconds per call of `calls` (callables), captured back to back in one CUDA
-    graph and replayed; falls back to timing the eager loop if capture fails."""
-    for c in calls[:2]:
-        c()  # compile and warm up before capture
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for c in calls:
-                c()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for c in calls:
-                c()
-        run = graph.replay
-    except Exception:
-        def run():
-            for c in calls:
-                c()
-    run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / len(calls))
-    return statistics.median(times)
+# Median of 15 replays, each timed alone after one warm-up replay; the first two calls compile
+# eagerly first; where capture fails, the eager loop is timed instead.
+GRAPH_TIMING = dict(reps=15, warmup=1, eager_first=2, eager_fallback=True)
 
 
 def copy_bandwidth_tbs() -> float:
@@ -307,7 +277,7 @@ def run(tune: bool, jobs: int, ms) -> dict:
             out = calls[0]()
             if variant != "bf16":
                 row["max_rel_err"] = max_rel_err(out, reference(d, m, variant))
-            row["us"] = graph_us(calls)
+            row["us"] = graph_time_us(calls, **GRAPH_TIMING)
             row["tbs"] = weight_bytes(d, variant) / (row["us"] * 1e-6) / 1e12
             if variant in ("fp8", "fp8_block", "dyn_triton", "dyn_scaled_mm"):
                 kw = dict(act=act, scaling="block" if variant == "fp8_block" else "channel",

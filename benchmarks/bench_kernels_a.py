@@ -23,7 +23,8 @@ adds the tuning sweep: rmsnorm launch configs, one-row GEMV configs and 2..16-ro
 configs at the Llama-1B shapes (compiled first in parallel worker processes), and writes the
 best of each to --tune: the values of `TUNED_WIDE` (rmsnorm_residual.py) and
 `SKINNY_TUNED` (qkv.py). Only public APIs are used outside --tune, so the script also times
-an older checkout of the kernels (copy it next to that checkout's runtime/).
+an older checkout of the kernels (copy it next to that checkout's runtime/, with this
+checkout's runtime/bench.py if that one has no `graph_time_us`).
 """
 import argparse
 import json
@@ -37,12 +38,14 @@ import torch
 import torch.nn.functional as F
 
 try:
+    from planlang.runtime.bench import graph_time_us
     from planlang.runtime.kernels import qkv as qkv_mod
     from planlang.runtime.kernels import rmsnorm_residual as norm_mod
     from planlang.runtime.kernels import rope_kvcache as rope_mod
     from planlang.runtime.kernels import swiglu as swiglu_mod
 except ImportError:  # planlang not installed: run from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from runtime.bench import graph_time_us
     from runtime.kernels import qkv as qkv_mod
     from runtime.kernels import rmsnorm_residual as norm_mod
     from runtime.kernels import rope_kvcache as rope_mod
@@ -97,19 +100,9 @@ def time_events_with_launch(fn, iters: int, warmup: int = 5) -> float:
 
 def time_graph(fns, iters: int) -> float:
     """Median milliseconds per call of the callables `fns`, captured once each, in order,
-    into one CUDA graph and replayed `iters` times: launch overhead is gone."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # compile and warm up outside the capture
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    return time_events(graph.replay, iters, warmup=3) / len(fns)
+    into one CUDA graph and replayed `iters` times, each replay queued behind an untimed one
+    as in `time_events` (3 warm-up replays): launch overhead is gone."""
+    return graph_time_us(fns, reps=iters, warmup=3, queued=True) / 1e3
 
 
 def time_alternating(fns, iters: int, rounds: int = 3) -> list:

@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from planlang.runtime.bench import graph_time_us
 from planlang.runtime.kernels import fp8_linear as fp8_mod
 from planlang.runtime.kernels import norm_gemm as ng
 from planlang.runtime.kernels import qkv as qkv_mod
@@ -29,28 +30,12 @@ DEVICE = "cuda"
 
 
 def graph_us(fn, calls: int) -> float:
-    """Per-call time of `fn` (which makes `calls` calls) captured in one CUDA graph."""
+    """Per-call time of `fn` (which makes `calls` calls) captured in one CUDA graph: one sample
+    of REPS back-to-back replays after 3 warm-up replays."""
     if DEVICE != "cuda":  # --smoke: the interpreter, no timing
         fn()
         return 0.0
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(REPS):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / REPS / calls
+    return graph_time_us([fn], reps=1, inner=REPS, warmup=3, count=calls)
 
 
 def weights(n_rows: int, layers: int, fp8: bool):

@@ -49,7 +49,7 @@ import torch.distributed as dist  # noqa: E402
 from planlang.loader import load_with_source  # noqa: E402
 from planlang.plan import Plan  # noqa: E402
 from planlang.runtime.apply import Report, apply  # noqa: E402
-from planlang.runtime.bench import copy_bandwidth_gbs, decode_step, fill_cache, time_ms  # noqa: E402
+from planlang.runtime.bench import copy_bandwidth_gbs, decode_step, fill_cache, graph_time_us, time_ms  # noqa: E402
 from planlang.runtime.models.checkpoint import load_model  # noqa: E402
 from planlang.runtime.parallel import init_distributed, rank_device, shard_model  # noqa: E402
 
@@ -121,18 +121,8 @@ def collectives_ms(info, model, batch: int, device, group, reps: int) -> float:
 
     if device.type != "cuda":  # a CPU dry run (gloo): the collectives eagerly
         return time_ms(step, device, reps=reps, warmup=2)
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    torch.cuda.synchronize(device)
-    return time_ms(graph.replay, device, reps=reps, warmup=5)
+    # median of `reps` replays, each timed alone, after 3 passes on a side stream and 5 replays
+    return graph_time_us([step], reps=reps, side_warmup=3, warmup=5, device=device) / 1e3
 
 
 def slowest(value: float, device, group) -> float:

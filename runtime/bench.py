@@ -7,12 +7,17 @@ events around each call, so launch and Python overhead count, as a user sees it)
 The floor is the bytes one step must read (every weight once, the embedding only for the
 rows looked up unless the LM head is tied to it, plus the KV cache up to the context),
 over the copy bandwidth measured in the same run (and over the catalog's figure).
+
+`graph_time_us` is the kernel benchmarks' (benchmarks/bench_*.py) one way of timing a list
+of calls as CUDA-graph replays.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -67,6 +72,141 @@ def time_ms(fn: Callable, device: torch.device, reps: int = 50, warmup: int = 5)
         e.synchronize()
         times.append(s.elapsed_time(e))
     return statistics.median(times)
+
+
+GRAPH_STATS = {"median": statistics.median, "min": min}  # graph_time_us's `stat` values
+
+
+def graph_time_us(calls: Sequence[Callable[[], object]], *, reps: int = 15, inner: int = 1, warmup: int = 3,
+                  stat: str = "median", count: Optional[int] = None, eager_first: int = 0, side_warmup: int = 1,
+                  queued: bool = False, eager_fallback: bool = False, outputs: Optional[list] = None,
+                  device: Optional[torch.device] = None,
+                  timer: Optional[Callable[[Callable[[], None]], float]] = None) -> float:
+    """Microseconds per call of `calls`, captured back to back in one CUDA graph and replayed.
+
+    In order:
+      1. the first `eager_first` calls run once each on the current stream (compiling them);
+      2. every call runs `side_warmup` times on a side stream (capture needs lazy set-up done);
+      3. the calls are captured once each, in order, into one graph; if `outputs` is a list,
+         their return values are appended (the graph's static outputs: when this returns
+         they hold the last replay's results, and they stay valid after the graph is freed);
+      4. `warmup` untimed replays, then a synchronize;
+      5. `reps` samples, each `inner` back-to-back replays timed by `timer` (it runs the
+         callable it is given and returns the microseconds that took; by default CUDA
+         events around it on the current stream). With `queued`, each sample is queued
+         behind one untimed replay, so the GPU is busy while the host launches the timed one.
+    Each sample is divided by `inner` and by `count` (the calls one pass makes: len(calls),
+    unless the calls loop themselves), and the `stat` ("median" or "min") of the samples is
+    returned.
+
+    Where the device is not CUDA, or capture fails, `eager_fallback=True` times the plain
+    loop over `calls` instead, the same steps without graph (on the CPU: no streams, and
+    perf_counter for the default timer; `outputs` gets the last timed pass's return values);
+    without it a device that is not CUDA raises RuntimeError and a capture error propagates.
+    The arguments are checked before anything runs. `device` defaults to the current CUDA
+    device, or the CPU where there is no CUDA.
+    """
+    calls = list(calls)
+    if not calls:
+        raise ValueError("graph_time_us: no calls to time; pass a list of callables")
+    count = len(calls) if count is None else count
+    for name, value, least in (("reps", reps, 1), ("inner", inner, 1), ("count", count, 1),
+                               ("warmup", warmup, 0), ("side_warmup", side_warmup, 0),
+                               ("eager_first", eager_first, 0)):
+        if value < least:
+            raise ValueError(f"graph_time_us: {name}={value}; it must be at least {least}")
+    if eager_first > len(calls):
+        raise ValueError(f"graph_time_us: eager_first={eager_first} but only {len(calls)} call(s)")
+    if stat not in GRAPH_STATS:
+        raise ValueError(f"graph_time_us: stat={stat!r}; use one of {', '.join(GRAPH_STATS)}")
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    if not cuda and not eager_fallback:
+        raise RuntimeError(f"graph_time_us: CUDA graphs need a CUDA device, got {device}; "
+                           "pass eager_fallback=True to time the calls eagerly instead")
+    timer = timer or (_cuda_event_us if cuda else _perf_counter_us)
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    last = []  # the eager loop's latest return values, kept only when `outputs` asks
+
+    def eager():
+        if outputs is None:
+            for c in calls:
+                c()
+        else:
+            last[:] = [c() for c in calls]
+
+    with torch.cuda.device(device) if cuda else contextlib.nullcontext():
+        for c in calls[:eager_first]:
+            c()
+        synchronize()
+        run = eager
+        if not cuda:
+            for _ in range(side_warmup):
+                eager()
+        else:
+            try:
+                graph, captured = _capture(calls, side_warmup, keep=outputs is not None)
+                run = graph.replay
+            except Exception:
+                if not eager_fallback:
+                    raise
+            else:
+                if outputs is not None:
+                    outputs.extend(captured)
+        for _ in range(warmup):
+            run()
+        synchronize()
+
+        def sample():
+            for _ in range(inner):
+                run()
+        times = []
+        for _ in range(reps):
+            if queued:
+                run()
+            times.append(timer(sample) / inner / count)
+    if run is eager and outputs is not None:
+        outputs.extend(last)
+    return GRAPH_STATS[stat](times)
+
+
+def _capture(calls: list, side_warmup: int, keep: bool):
+    """(graph, the calls' return values if `keep`) of `calls` captured in order, after
+    `side_warmup` passes on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(side_warmup):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    captured = []
+    with torch.cuda.graph(graph):
+        for c in calls:
+            out = c()
+            if keep:  # otherwise dropped at once, so later calls in the capture reuse its memory
+                captured.append(out)
+            del out
+    return graph, captured
+
+
+def _cuda_event_us(sample: Callable[[], None]) -> float:
+    """Microseconds of sample() between two CUDA events on the current stream."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    sample()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3
+
+
+def _perf_counter_us(sample: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    sample()
+    return (time.perf_counter() - t0) * 1e6
 
 
 def step_bytes(model, batch: int, context: int, weight_bytes: Optional[float] = None) -> float:
