@@ -359,7 +359,20 @@ def cmd_bench(args) -> int:
             pred = predicted(b) if predicted else None
             rows.append(Row(name, b, ms, b / ms * 1e3, ms / floor, pred, {"floor_ms": floor}))
             # a line per row as it lands, so a run cut short by a time limit still says something
-            print(f"bench: {name} batch {b}: {ms:.3f} ms ({ms / floor:.2f}x floor)", file=sys.stderr, flush=True)
+            guess = f", predicted {pred:.3f} ms ({(pred - ms) / ms:+.0%})" if pred else ""
+            print(f"bench: {name} batch {b}: {ms:.3f} ms ({ms / floor:.2f}x floor, floor {floor:.3f} ms{guess})",
+                  file=sys.stderr, flush=True)
+
+    def torchao_rows():
+        for name in (a for a in against if a.startswith("torchao")):
+            torch._dynamo.reset()
+            peer = torchao_fp8(model, weight_only=name.endswith("-wo"))
+            compiled = torch.compile(peer, mode="reduce-overhead", dynamic=False)
+            decode_rows(f"{name}+compile(reduce-overhead)", compiled, peer)
+            del peer, compiled
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     if "eager" in against:
         decode_rows("eager", model, model)
@@ -367,15 +380,8 @@ def cmd_bench(args) -> int:
         torch._dynamo.reset()
         compiled = torch.compile(model, mode="reduce-overhead", dynamic=False)
         decode_rows("compile(reduce-overhead)", compiled, model)
-    for name in (a for a in against if a.startswith("torchao")):
-        torch._dynamo.reset()
-        peer = torchao_fp8(model, weight_only=name.endswith("-wo"))
-        compiled = torch.compile(peer, mode="reduce-overhead", dynamic=False)
-        decode_rows(f"{name}+compile(reduce-overhead)", compiled, peer)
-        del peer, compiled
-        torch._dynamo.reset()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    # The plans before torchao, whose compile is the slowest part of a run: a run cut short
+    # by a time limit has the plans' rows beside eager and compile.
     for loaded in plans:
         plan = loaded.plan
         restore_caches(model)
@@ -410,6 +416,10 @@ def cmd_bench(args) -> int:
         model.setup_caches(max(buckets), max_seq)
         if args.profile:
             profiles[plan.name] = profile_step(decode_step(planned, buckets[0], context, cfg.vocab_size, device), device)
+            for p in profiles[plan.name][:12]:  # as it lands, like the rows
+                print(f"bench: profile {plan.name} batch {buckets[0]}: {p['us_per_step']:9.1f} us "
+                      f"{p['calls_per_step']:5.0f}x {p['kernel'][:90]}", file=sys.stderr, flush=True)
+    torchao_rows()
     # prefill
     if prefill:
         toks = torch.randint(0, cfg.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(2)).to(device)
