@@ -16,20 +16,55 @@
 #          `planlang tune builtin:llama-1b --budget 5 --max-error 0.1` (issue 12)
 #   precision  the FP8/format/KV-cache GPU tests and the accuracy of every number format
 #          on llama-tiny-trained with the real FP8 kernels (benchmarks/accuracy_formats.py)
+#   next   (the session after 2026-12-07's third) call 1 of 2: the GPU tests of what changed
+#          since the last H100 run, the attention/sampling kernels (the tiled merge against
+#          one split a step), and A/B of the switches on the FP8 and the tuned bf16 plans;
+#          call 2 is STAGE=final
 # The final bench takes about 7 minutes (torchao's compile is the slow part): give it
-# T_BENCH=480 and the other steps less, or drop torchao from --against.
+# T_BENCH=480 and the other steps less, or drop torchao from --against. bench measures the
+# plans before torchao, so a bench cut short still has the plans beside eager and compile.
 # Wheels for what the GPU image lacks (pydantic, lark, optuna, torchao) travel in .whl/.
+#
+# The device returns at most 8 files from $OUT: every step writes to $RAW, and at the end
+# (also when a step's timeout cut it short) the main text outputs are copied to $OUT and
+# everything is packed into $OUT/raw.tgz. Keep the steps' timeouts under the call's limit.
 set -u
-OUT=${OUT:-/tmp/planlang_out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/planlang_out}; mkdir -p "$OUT"; OUT_STAGE="$OUT"
+RAW=${RAW:-/tmp/planlang_raw}; rm -rf "$RAW"; mkdir -p "$RAW"
+pack() {
+  for f in env.txt gpu_tests.log bench_final.txt bench_final.err bench_buckets.err kernels_b.txt; do
+    [ -f "$RAW/$f" ] && cp "$RAW/$f" "$OUT_STAGE/$f"
+  done
+  tar czf "$OUT_STAGE/raw.tgz" -C "$RAW" . 2>/dev/null
+}
+trap pack EXIT
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > "$OUT/wheels.log" 2>&1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > "$RAW/wheels.log" 2>&1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
-{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } > "$OUT/env.txt" 2>&1
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RAW/install.log" 2>&1
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } > "$RAW/env.txt" 2>&1
 PLANS="plans/h100_decode.yaml plans/h100_fp8_decode.yaml"
+OUT="$RAW"  # the stages below write to $RAW through $OUT
 case "${STAGE:-check}" in
+next)
+  timeout ${T_TESTS:-150} python3 -m pytest -q -m gpu -p no:cacheprovider -rfs \
+    tests/runtime/test_kernels_attention.py tests/runtime/test_kernels_rope_attention.py \
+    tests/runtime/test_bench_graph_timing.py tests/runtime/test_commands.py tests/runtime/test_graph_replay.py \
+    > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/gpu_tests.log"
+  timeout ${T_KB:-70} python3 benchmarks/bench_kernels_b.py --quick --out "$OUT/kernels_b.json" > "$OUT/kernels_b.txt" 2>&1
+  timeout ${T_VAR:-150} python3 benchmarks/bench_variants.py plans/h100_fp8_decode.yaml --variant base: \
+    --variant pdl:PLANLANG_PDL=1 --variant nofp8prologue:PLANLANG_NORM_PROLOGUE=linear,head,gate_up \
+    --variant noprologue:PLANLANG_NORM_PROLOGUE=0 --batch 1 --rounds 5 --reps 30 --profile \
+    --out "$OUT/variants_fp8.json" > "$OUT/variants_fp8.txt" 2>&1; echo "rc=$?" >> "$OUT/variants_fp8.txt"
+  timeout ${T_VAR2:-150} python3 benchmarks/bench_variants.py plans/tuned_h100.yaml --variant base: \
+    --variant pdl:PLANLANG_PDL=1 --variant nohead:PLANLANG_NORM_PROLOGUE=linear,gate_up,fp8,fp8_gate_up \
+    --batch 1 --batch 16 --rounds 5 --reps 30 \
+    --out "$OUT/variants_bf16.json" > "$OUT/variants_bf16.txt" 2>&1; echo "rc=$?" >> "$OUT/variants_bf16.txt"
+  cp "$OUT/variants_fp8.txt" "$OUT/variants_bf16.txt" "$OUT_STAGE/" 2>/dev/null
+  tail -n 4 "$OUT/gpu_tests.log"; tail -n 25 "$OUT/kernels_b.txt"; tail -n 30 "$OUT"/variants_*.txt
+  ;;
 check)
   timeout ${T_TESTS:-240} python3 -m pytest -q -m gpu tests/runtime -p no:cacheprovider -rfs > "$OUT/gpu_tests.log" 2>&1
   echo "tests rc=$?" >> "$OUT/gpu_tests.log"
