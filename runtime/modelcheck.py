@@ -137,8 +137,10 @@ def model_diagnostics(loaded, model_spec: str, *, target: Optional[str], catalog
                 diags.append(at(src, ("parallel", "tensor"), "PL307", f"tensor: {tp} does not divide the {label} ({v})",
                                 hint=f"use a degree that divides {v}"))
     # memory fit
-    if target and catalog is not None and plan.limits.max_seq_len and plan.limits.max_batch:
-        t = catalog.get(target if target != "auto" else plan.target)
+    # the target: --target, else the plan's own (`auto` names none off the device)
+    named = target if target and target != "auto" else (plan.target if plan.target != "auto" else None)
+    if named and catalog is not None and plan.limits.max_seq_len and plan.limits.max_batch:
+        t = catalog.get(named)
         if t is not None and t.memory_gb:
             need = predicted_memory(model, plan, rules, win, mods)
             total = sum(need.values())
@@ -181,8 +183,52 @@ def predicted_memory(model, plan, rules, win, mods) -> dict[str, float]:
     return {"weights": weights, "kv_cache": cache, "graph_pools": pools}
 
 
-def explain_with_model(data: dict, loaded, model_spec: str, target, catalog, *, trust_pickle=False, context=128) -> dict:
-    """explain --model: the places each rule takes and the predicted memory."""
+def linear_weight_bytes(model: nn.Module, plan) -> float:
+    """Bytes of the model's GEMM weights but the LM head's, each in the dtype of the last
+    precision rule that takes it (else the plan's default, else its own dtype): what a
+    decode step streams for its linears."""
+    mods = dict(model.named_modules())
+    ops = {n: op_of(model, n, m) for n, m in mods.items()}
+    rules = plan.precision_rules()
+    win = _winners(model, rules, list(mods), ops)
+    total = 0.0
+    for name, m in mods.items():
+        if ops[name] != "linear":
+            continue
+        rule = rules[win[name]] if name in win else None
+        dt = rule.dtype if rule is not None else (plan.precision.default or _TORCH_DTYPE_NAME.get(m.weight.dtype, "bf16"))
+        total += m.weight.numel() * _BYTES.get(dt, 2)
+    return total
+
+
+def decode_predictions(model: nn.Module, plan, figures, context: int, on_cuda: bool) -> list[dict]:
+    """The roofline's decode step per bucket of the plan (one row: batch 1 without graph
+    buckets), for Llama-style models (built-ins, planlang checkpoints); [] otherwise."""
+    from .predict import plan_decode_ms
+    cfg = getattr(model, "config", None)
+    if not all(hasattr(cfg, k) for k in ("dim", "n_layers", "head_dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size")):
+        return []
+    batches = list(plan.graphs.buckets) if plan.graphs.capture == "cuda_graph" else [1]
+    lw = linear_weight_bytes(model, plan)
+    out = []
+    for b in batches:
+        p = plan_decode_ms(plan, cfg, b, context, figures, on_cuda, linear_weight_bytes=lw)
+        out.append({"batch": b, "ms": p.ms, "launches": p.launches, "bytes": p.bytes, "bound": p.bound})
+    return out
+
+
+def catalog_figures(target_record, dtype: str = "bf16"):
+    """Figures from the catalog's record of the target (no measurement)."""
+    from .predict import Figures
+    tf = target_record.tflops.get(dtype) or target_record.tflops.get("fp32") or 1.0
+    return Figures(target_record.memory_bandwidth_gbs, target_record.launch_us, tf, None, source="catalog")
+
+
+def explain_with_model(data: dict, loaded, model_spec: str, target, catalog, *, trust_pickle=False, context=128,
+                       figures=None) -> dict:
+    """explain --model: the places each rule takes, the shape checks, the predicted memory
+    and the predicted decode step per bucket (with `figures` measured by bench, else the
+    catalog's figures for the target)."""
     plan = loaded.plan
     model = shape_model(model_spec, trust_pickle)
     mods = dict(model.named_modules())
@@ -208,7 +254,25 @@ def explain_with_model(data: dict, loaded, model_spec: str, target, catalog, *, 
         hits = resolve(Selector.parse(r.at), mod_names)
         places.append(f"offload '{r.at}': {len(hits)} module(s)")
     data["places"] = places
+    predictions = []
     if plan.limits.max_seq_len and plan.limits.max_batch:
         mem = predicted_memory(model, plan, rules, win, mods)
-        data["predictions"] = [f"memory: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in mem.items())]
+        predictions.append("memory: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in mem.items()))
+    # `target`: the resolved catalog record (explain), or a target's id or alias
+    record = target if hasattr(target, "memory_bandwidth_gbs") else (
+        catalog.get(target) if (catalog is not None and target) else None)
+    if figures is None and record is not None:
+        figures = catalog_figures(record)
+    if figures is not None:
+        on_cuda = record is None or bool(record.compute_capability)
+        steps = decode_predictions(model, plan, figures, context, on_cuda)
+        if steps:
+            how = (f"{figures.source} figures: {figures.bandwidth_gbs:.0f} GB/s, {figures.launch_us:.2f} us a kernel"
+                   + (f", weights streamed at {figures.weight_bandwidth_gbs:.0f} GB/s"
+                      if figures.weight_bandwidth_gbs else ""))
+            predictions.append(f"decode step at context {context} ({how}): "
+                               + ", ".join(f"batch {r['batch']} {r['ms']:.3f} ms" for r in steps))
+            data["decode_predictions"] = {"context": context, "figures": figures.__dict__, "rows": steps}
+    if predictions:
+        data["predictions"] = predictions
     return data

@@ -60,3 +60,51 @@ def predict_decode(cfg, fusions: set, weight_dtype_bytes: float, batch: int, con
     overhead = launches * (launch_us if graphs else eager_us) * 1e-6
     t = max(t_mem, t_flop) + overhead
     return Prediction(batch, t * 1e3, total, flops, launches, "memory" if t_mem >= t_flop else "compute")
+
+
+@dataclass
+class Figures:
+    """The device figures a prediction uses, and where they came from ("catalog" off the
+    device, "measured" by bench / tune / `bench --format json` on it)."""
+    bandwidth_gbs: float  # memory bandwidth (the copy bandwidth when measured)
+    launch_us: float  # cost of one kernel in a CUDA graph beyond its bytes
+    tflops: float
+    weight_bandwidth_gbs: float | None = None  # the rate GEMVs stream weights at, when measured
+    source: str = "catalog"
+
+
+def plan_weight_bytes(plan) -> float:
+    """Bytes per weight element of a plan's GEMMs (1 when any rule puts them in FP8 or a
+    block format, else 2): what bench and explain count for the linears."""
+    low = {r.dtype for r in plan.precision_rules()}
+    return 1.0 if any(d.startswith(("fp8", "mx", "nv")) for d in low) else 2.0
+
+
+def plan_decode_ms(plan, cfg, batch: int, context: int, figures: Figures, on_cuda: bool = True,
+                   linear_weight_bytes: float | None = None) -> Prediction:
+    """The predicted decode step of `plan` on a Llama-style model at `batch` rows (run on
+    its bucket: the smallest that holds it) and `context`, with `figures`. The one
+    prediction `planlang bench` prints beside its measurements and `planlang explain
+    --model` prints per bucket. CUDA graphs count where the plan captures them on CUDA."""
+    graphs = plan.graphs.capture == "cuda_graph" and on_cuda
+    rows = batch
+    if graphs:
+        rows = next((b for b in sorted(plan.graphs.buckets) if b >= batch), batch)
+    kinds = {f.kind for f in plan.fusions}
+    return predict_decode(cfg, kinds, plan_weight_bytes(plan), rows, context, figures.bandwidth_gbs,
+                          figures.tflops, figures.launch_us, graphs, linear_weight_bytes=linear_weight_bytes,
+                          weight_bandwidth_gbs=figures.weight_bandwidth_gbs)
+
+
+def figures_from_bench(data: dict, fp8: bool) -> Figures:
+    """Figures measured by `planlang bench --format json` (its copy bandwidth and the
+    GEMV fit for bf16 or FP8 weights); raises ValueError naming what is missing."""
+    try:
+        bw = float(data["copy_bandwidth_gbs"])
+        fit = (data.get("gemv_models") or {}).get("fp8" if fp8 else "bf16")
+        launch = float(fit["kernel_us"]) if fit else float(data["launch_us"])
+        stream = float(fit["stream_gbs"]) if fit else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not the JSON of `planlang bench --format json` (missing or bad {exc})") from None
+    tflops = float(data.get("tflops") or 100.0)
+    return Figures(bw, launch, tflops, stream, source="measured")
