@@ -56,6 +56,7 @@ CODES: dict[str, tuple[str, str]] = {
     "PL314": ("warning", "fused GEMM parts have different dtypes: fusion not made"),
     "PL315": ("warning", "setting has no effect"),
     "PL316": ("error", "offload cannot pin host memory"),
+    "PL317": ("error", "accumulate dtype the runtime does not honour"),
     # PL4xx: performance hints
     "PL401": ("warning", "compile mode captures CUDA graphs alongside planlang's capture"),
     "PL402": ("warning", "bucket gap wastes more than half of the padded batch"),

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from . import hardware, names
 from .plan import Plan
+from .validate import RUNTIME_ACCUMULATE
 
 
 def _fusion_line(f) -> str:
@@ -59,7 +60,8 @@ def explain_plan(plan: Plan, target: Optional[hardware.Target], target_how: str)
             s["compile"] = [f"torch.compile(mode='{mode}', fullgraph={c.fullgraph}, dynamic={c.dynamic})"]
     p = plan.precision
     rules = plan.precision_rules()
-    prec = [f"default dtype: {p.default or 'the model’s own'}; GEMMs accumulate in {p.accumulate}"]
+    unhonoured = "" if p.accumulate == RUNTIME_ACCUMULATE else f" (accumulate: {p.accumulate} is not honoured, PL317)"
+    prec = [f"default dtype: {p.default or 'the model’s own'}; GEMMs accumulate in {RUNTIME_ACCUMULATE}{unhonoured}"]
     if p.preset:
         prec.append(f"preset {p.preset} expands to {len(rules) - len(p.rules)} rule(s), placed before the plan's own")
     for r in rules:

@@ -203,9 +203,19 @@ def check_compile(check: Check) -> Iterator[Diagnostic]:
                          hint=f"write mode: {'max-autotune-no-cudagraphs' if c.mode == 'max-autotune' else 'default'}")
 
 
+# What every planlang GEMM kernel accumulates in (runtime/kernels, runtime/passes/precision.py);
+# `precision.accumulate` states it, and no other value changes what runs.
+RUNTIME_ACCUMULATE = "fp32"
+
+
 def check_precision(check: Check) -> Iterator[Diagnostic]:
     p = check.plan.precision
     t = check.target
+    if p.accumulate != RUNTIME_ACCUMULATE:
+        yield check.diag(("precision", "accumulate"), "PL317",
+                         f"accumulate: {p.accumulate} is not honoured: planlang's GEMMs always accumulate "
+                         f"in {RUNTIME_ACCUMULATE}",
+                         hint=f"write accumulate: {RUNTIME_ACCUMULATE}, or leave it out")
     if p.default is not None and t is not None:
         cap = hardware.dtype_support(t, p.default)
         if not cap.ok:

@@ -86,22 +86,59 @@ def _ancestors_and_self(path: str) -> list[str]:
     return [""] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def lm_head_paths(model: nn.Module) -> set[str]:
-    """The module(s) computing the logits: the HF output embedding, else the linears whose
-    output width is the vocabulary."""
-    out = set()
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    vocab = None
+def _vocab_size(model: nn.Module) -> Optional[int]:
     config = getattr(model, "config", None)
-    if config is not None:
-        vocab = config.get("vocab_size") if isinstance(config, dict) else getattr(config, "vocab_size", None)
-    for name, m in model.named_modules():
-        if m is head and head is not None:
-            out.add(name)
-        elif isinstance(m, nn.Linear) and vocab is not None and m.out_features == vocab:
-            out.add(name)
-    return out
+    if config is None:
+        return None
+    return config.get("vocab_size") if isinstance(config, dict) else getattr(config, "vocab_size", None)
+
+
+def _input_embedding(model: nn.Module) -> Optional[nn.Embedding]:
+    getter = getattr(model, "get_input_embeddings", None)
+    emb = getter() if callable(getter) else None
+    if isinstance(emb, nn.Embedding):
+        return emb
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    vocab = _vocab_size(model)
+    sized = [m for m in embeddings if vocab is None or m.num_embeddings == vocab]
+    return sized[0] if sized else None
+
+
+def _in_repeated_block(path: str) -> bool:
+    """`layers.3.mlp.w2` is inside a repeated block (a ModuleList/Sequential index)."""
+    return any(part.isdigit() for part in path.split("."))
+
+
+def lm_head_paths(model: nn.Module) -> set[str]:
+    """The module computing the logits (a set of at most one path), found as
+    `modelcheck.op_of` finds it where the model names it:
+
+    1. the model's `lm_head` attribute, else HF's `get_output_embeddings()`;
+    2. else the linear whose weight is the input embedding's (tied embeddings);
+    3. else, by shape, a linear as wide as the vocabulary (the config's `vocab_size`, else
+       the input embedding's rows): the last one in module order outside any repeated block,
+       else the last one. The shape alone is not enough: a model whose hidden size equals
+       its vocabulary (llama-tiny-trained: 256 and 256) has such linears in every layer."""
+    named = {id(m): n for n, m in model.named_modules()}
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Module):
+        getter = getattr(model, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+    if isinstance(head, nn.Module) and id(head) in named:
+        return {named[id(head)]}
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    emb = _input_embedding(model)
+    if emb is not None:
+        tied = [n for n, m in linears if m.weight is emb.weight]
+        if tied:
+            return {tied[-1]}
+    vocab = _vocab_size(model) or (emb.num_embeddings if emb is not None else None)
+    if vocab is None:
+        return set()
+    wide = [n for n, m in linears if m.out_features == vocab]
+    outside = [n for n in wide if not _in_repeated_block(n)]
+    pick = outside or wide
+    return {pick[-1]} if pick else set()
 
 
 class PrecisionMap:

@@ -71,6 +71,72 @@ def test_last_rule_wins_and_linear_excludes_the_lm_head():
     assert pmap.gemm("layers.0.attn.wq").scaling == "channel"  # the spec's default for fp8
 
 
+class _Wide(torch.nn.Module):
+    """A block whose inner linear is as wide as the vocabulary (hidden size == vocab)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.up = torch.nn.Linear(dim, dim, bias=False)
+        self.down = torch.nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class _NoHeadAttribute(torch.nn.Module):
+    """No `lm_head`, no `get_output_embeddings`: the head is found by its place."""
+
+    def __init__(self, vocab=32, tied=False):
+        super().__init__()
+        self.config = {"vocab_size": vocab}
+        self.tok = torch.nn.Embedding(vocab, vocab)
+        self.blocks = torch.nn.ModuleList(_Wide(vocab) for _ in range(2))
+        self.out = torch.nn.Linear(vocab, vocab, bias=False)
+        if tied:
+            self.out.weight = self.tok.weight
+
+    def forward(self, ids):
+        h = self.tok(ids)
+        for b in self.blocks:
+            h = b(h)
+        return self.out(h)
+
+
+def test_linears_as_wide_as_the_vocabulary_inside_the_blocks_are_not_lm_heads():
+    m = _NoHeadAttribute()
+    assert lm_head_paths(m) == {"out"}
+    pmap = PrecisionMap(m, _plan([{"at": "**:linear", "dtype": "bf16"}], fusions=[]))
+    assert pmap.op_kind("blocks.0.up") == pmap.op_kind("blocks.1.down") == "linear"
+    assert pmap.gemm("blocks.1.down").dtype == "bf16" and pmap.gemm("out") is None
+
+
+def test_a_linear_tied_to_the_input_embedding_is_the_lm_head():
+    m = _NoHeadAttribute(tied=True)
+    m.extra = torch.nn.Linear(32, 32, bias=False)  # wide, outside the blocks, later: not tied
+    assert lm_head_paths(m) == {"out"}
+
+
+def test_the_lm_head_is_the_one_modelcheck_names_on_a_model_whose_hidden_size_is_its_vocabulary():
+    from planlang.runtime.modelcheck import op_of
+    m = build_builtin("llama-tiny-trained")
+    assert m.config.dim == m.config.vocab_size  # 256 and 256: wq, wo, w2 are all vocab-wide
+    heads = {n for n, mod in m.named_modules() if op_of(m, n, mod) == "lm_head"}
+    assert lm_head_paths(m) == heads == {"lm_head"}
+    pmap = PrecisionMap(m, _plan([{"at": "**:linear", "dtype": "fp8_e4m3", "emulate": True}]))
+    linears = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"]
+    assert len(linears) == 28
+    assert all(pmap.gemm(n) is not None for n in linears) and pmap.gemm("lm_head") is None
+
+
+def test_a_linear_rule_changes_every_linear_of_the_trained_model_but_the_lm_head():
+    m = build_builtin("llama-tiny-trained")
+    m.setup_caches(1, 16)
+    planned = apply(m, _plan([{"at": "**:linear", "dtype": "fp8_e4m3", "emulate": True}], fusions=[]),
+                    device=torch.device("cpu"))
+    linears = {n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
+    assert set(planned.report.precision) == linears - {"lm_head"} and len(linears - {"lm_head"}) == 28
+
+
 def test_a_preset_expands_before_the_plans_own_rules():
     pmap = PrecisionMap(_model(), _plan([{"at": "layers.0.attn:linear", "dtype": "fp32"}], preset="fp8_weight_only"))
     assert pmap.gemm("layers.1.attn.wq").dtype == "fp8_e4m3"
