@@ -21,6 +21,32 @@ class UsageError(Exception):
     """The command could not run: exit 2 with this message."""
 
 
+def _at_least(least: int):
+    """An argparse `type=` for an integer of at least `least`: a bad value is a usage error
+    naming the argument (argparse adds "argument --batch:"), never a traceback later."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
+
+# What `bench --against` takes: runtime/commands.py's BASELINES (a test checks they agree).
+BENCH_BASELINES = {
+    "eager": "the unplanned model",
+    "compile": "torch.compile(mode='reduce-overhead')",
+    "torchao-fp8": "torchao FP8 weights and activations, compiled",
+    "torchao-fp8-wo": "torchao FP8 weights only, compiled",
+}
+
+
 def _add_format(p: argparse.ArgumentParser, choices=("text", "json")) -> None:
     p.add_argument("--format", choices=choices, default="text", help="output format")
     p.add_argument("--json", dest="format", action="store_const", const="json", help="short for --format json")
@@ -51,7 +77,7 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target")
     p.add_argument("--hardware", action="append", default=[], metavar="FILE")
     p.add_argument("--trust-pickle", action="store_true")
-    p.add_argument("--context", type=int, default=128, help="decode context for predictions")
+    p.add_argument("--context", type=POSITIVE, default=128, help="decode context for predictions")
     _add_format(p)
 
 
@@ -59,30 +85,32 @@ def _apply_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", metavar="PLAN")
     p.add_argument("model", nargs="?", metavar="MODEL", help="builtin:NAME, a .pt checkpoint, a HF folder")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled whole module (runs code)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if present)")
     p.add_argument("--max-error", type=float, help="fail when the relative output error exceeds this")
     p.add_argument("--min-agreement", type=float, help="fail when top-1 agreement falls below this")
-    p.add_argument("--eval-tokens", type=int, default=1024, metavar="N",
+    p.add_argument("--eval-tokens", type=NON_NEGATIVE, default=1024, metavar="N",
                    help="tokens of the evaluation text scored for accuracy (0: none)")
-    p.add_argument("--nproc", type=int, metavar="N", help="run on N processes of this host (torchrun), for parallel.tensor N")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--nproc", type=POSITIVE, metavar="N", help="run on N processes of this host (torchrun), for parallel.tensor N")
+    p.add_argument("--batch", type=POSITIVE, default=1)
+    p.add_argument("--context", type=POSITIVE, default=128)
     p.add_argument("--hardware", action="append", default=[], metavar="FILE")
     _add_format(p)
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plans", nargs="+", metavar="PLAN... [MODEL]")
-    p.add_argument("--against", default="eager,compile", help="baselines: eager, compile (reduce-overhead)")
-    p.add_argument("--context", type=int, default=128, help="decode context (tokens in the cache)")
-    p.add_argument("--prefill", type=int, default=2048, help="prefill length to time (0: none)")
-    p.add_argument("--batch", type=int, action="append", help="batch sizes (default: the plans' buckets)")
-    p.add_argument("--device")
-    p.add_argument("--plot", metavar="PNG", help="latency per batch size, per contender")
+    p.add_argument("--against", default="eager,compile", metavar="BASELINE,...",
+                   help="baselines timed beside the plans, comma-separated (default: eager,compile): "
+                        + "; ".join(f"{k} ({v})" for k, v in BENCH_BASELINES.items()))
+    p.add_argument("--context", type=POSITIVE, default=128, help="decode context (tokens in the cache)")
+    p.add_argument("--prefill", type=NON_NEGATIVE, default=2048, help="prefill length to time (0: none)")
+    p.add_argument("--batch", type=POSITIVE, action="append", help="batch sizes (default: the plans' buckets, else 1)")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if present)")
+    p.add_argument("--plot", metavar="PNG", help='latency per batch size, per contender (needs pip install "planlang[plot]")')
     p.add_argument("--profile", action="store_true", help="time per kernel of one planned decode step")
-    p.add_argument("--eval-tokens", type=int, default=512, metavar="N",
+    p.add_argument("--eval-tokens", type=NON_NEGATIVE, default=512, metavar="N",
                    help="tokens of the evaluation text scored for each plan's accuracy (0: none)")
-    p.add_argument("--nproc", type=int, metavar="N", help="run on N processes of this host (torchrun), for parallel.tensor N")
+    p.add_argument("--nproc", type=POSITIVE, metavar="N", help="run on N processes of this host (torchrun), for parallel.tensor N")
     p.add_argument("--trust-pickle", action="store_true")
     _add_format(p)
 
@@ -96,8 +124,8 @@ def _tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-agreement", type=float, help="reject candidates whose top-1 agreement falls below this")
     p.add_argument("--space", metavar="FILE", help="a YAML file that narrows or widens the search space")
     p.add_argument("--storage", metavar="DB", help="the trial records (SQLite; default .planlang/tune.db)")
-    p.add_argument("--batch", type=int, action="append", help="decode batch sizes to score (default: 1 and 16)")
-    p.add_argument("--context", type=int, default=128, help="decode context (tokens in the cache)")
+    p.add_argument("--batch", type=POSITIVE, action="append", help="decode batch sizes to score (default: 1 and 16)")
+    p.add_argument("--context", type=POSITIVE, default=128, help="decode context (tokens in the cache)")
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-pickle", action="store_true")
@@ -107,9 +135,9 @@ def _tune_arguments(p: argparse.ArgumentParser) -> None:
 def _train_step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", metavar="PLAN")
     p.add_argument("model", nargs="?", metavar="MODEL", help="builtin:NAME, a .pt checkpoint, a HF folder")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3, help="steps timed (after one warm-up step)")
+    p.add_argument("--batch", type=POSITIVE, default=2)
+    p.add_argument("--seq", type=POSITIVE, default=256)
+    p.add_argument("--steps", type=POSITIVE, default=3, help="steps timed (after one warm-up step)")
     p.add_argument("--device")
     p.add_argument("--trust-pickle", action="store_true")
     _add_format(p)
@@ -265,9 +293,20 @@ def cmd_explain(args) -> int:
     res = resolve_target(loaded.plan, loaded.source, catalog, args.target)
     data = explain_plan(loaded.plan, res.target, res.how)
     if args.model:
-        from planlang.runtime.modelcheck import explain_with_model
-        data = explain_with_model(data, loaded, args.model, res.target, catalog,
-                                  trust_pickle=args.trust_pickle, context=args.context)
+        try:
+            from planlang.runtime.modelcheck import explain_with_model
+            from planlang.runtime.models.checkpoint import ModelLoadError
+        except ImportError as exc:
+            raise UsageError(f"--model needs the runtime (torch): {exc}. "
+                             "Install it with `pip install planlang[runtime]`") from None
+        try:
+            data = explain_with_model(data, loaded, args.model, res.target, catalog,
+                                      trust_pickle=args.trust_pickle, context=args.context)
+        except ModelLoadError as exc:
+            print(f"planlang explain: error: --model {exc.path or args.model}: {exc.message}", file=sys.stderr)
+            if exc.hint:
+                print(f"   = hint: {exc.hint}", file=sys.stderr)
+            return EXIT_USAGE
     data["diagnostics"] = [d.to_json() for d in diags]
     if args.format == "json":
         print(json.dumps(data, indent=2, default=str))

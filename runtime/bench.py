@@ -6,7 +6,10 @@ filled up to the context, then one step at that position is timed repeatedly (CU
 events around each call, so launch and Python overhead count, as a user sees it).
 The floor is the bytes one step must read (every weight once, the embedding only for the
 rows looked up unless the LM head is tied to it, plus the KV cache up to the context),
-over the copy bandwidth measured in the same run (and over the catalog's figure).
+over the copy bandwidth measured in the same run (`floor_ms`) and over the catalog's
+figure for the device (`catalog_floor_ms`). Prefill (`--prefill` tokens at batch 1) is
+timed for eager, compile and every plan. Each row carries the peak memory allocated while
+it was measured (CUDA only; None on the CPU).
 
 `graph_time_us` is the kernel benchmarks' (benchmarks/bench_*.py) one way of timing a list
 of calls as CUDA-graph replays.
@@ -233,13 +236,16 @@ def step_bytes(model, batch: int, context: int, weight_bytes: Optional[float] = 
 
 @dataclass
 class Row:
+    """One timing of a bench contender: a decode step at `batch`, or (with
+    extra["prefill_tokens"]) a prefill of that many tokens at batch 1."""
     contender: str
     batch: int
     ms: float
     tokens_s: float
-    floor_ratio: Optional[float] = None
+    floor_ratio: Optional[float] = None  # ms over the floor at the copy bandwidth measured in the run
     predicted_ms: Optional[float] = None
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # floor_ms, catalog_floor_ms, plan_floor_ms or prefill_tokens
+    peak_memory_mib: Optional[float] = None  # max_memory_allocated while the row was measured; None off CUDA
 
 
 def fill_cache(model_call: Callable, batch: int, context: int, vocab: int, device) -> None:

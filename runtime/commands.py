@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -19,16 +20,29 @@ EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 
 
 def _device(name: Optional[str]) -> torch.device:
-    if name:
+    """The device `--device` names (default: CUDA when present); one that is not a device,
+    or not here, exits with status 2 and says what to pass instead."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
         dev = torch.device(name)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(_usage(f"--device {name}: no CUDA device here"))
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise SystemExit(_usage(f"--device {name}: not a device planlang runs models on",
+                                hint="pass cpu, cuda or cuda:N"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(_usage(f"--device {name}: no CUDA device here", hint="pass cpu, or run on a machine with a GPU"))
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(_usage(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                                hint=f"pass cuda:0 .. cuda:{torch.cuda.device_count() - 1}"))
+    return dev
 
 
-def _usage(msg: str) -> int:
+def _usage(msg: str, hint: Optional[str] = None) -> int:
     print(f"planlang: error: {msg}", file=sys.stderr)
+    if hint:
+        print(f"   = hint: {hint}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -276,14 +290,22 @@ def _print_apply(r: dict) -> None:
 
 
 def cmd_export(args) -> int:
+    out = Path(args.output)
+    if out.is_dir():
+        return _usage(f"cannot write {args.output}: it is a folder", hint=f"name the file, e.g. {out / 'model.pt'}")
+    if not out.parent.is_dir():
+        return _usage(f"cannot write {args.output}: the folder {out.parent} does not exist",
+                      hint="create it first, or write to an existing folder")
     try:
         lm = load_model(args.model)
     except ModelLoadError as exc:
         return _model_error(exc)
     try:
         path = export_checkpoint(lm.model, args.output, name=lm.name)
-    except (TypeError, OSError) as exc:
-        return _usage(f"cannot write {args.output}: {exc}")
+    except TypeError as exc:
+        return _usage(f"cannot export {lm.source}: {exc}", hint="export writes built-in models and planlang checkpoints")
+    except (OSError, RuntimeError) as exc:  # torch.save reports an unwritable place as a RuntimeError
+        return _usage(f"cannot write {args.output}: {exc}", hint="check the folder exists and is writable")
     print(f"wrote {path} ({lm.source})")
     return EXIT_OK
 
@@ -301,18 +323,7 @@ def cmd_bench(args) -> int:
     from .predict import predict_decode
     from planlang.hardware import load_catalog
 
-    code = _distributed(args)
-    if code is not None:
-        return code
-    plan_files, model_spec = _split_plans_model(args.plans)
-    plans = []
-    for f in plan_files:
-        loaded = load_with_source(f)
-        if loaded.plan is None:
-            print(render_text(loaded.diagnostics), file=sys.stderr)
-            return EXIT_ERRORS
-        plans.append(loaded)
-    device = _rank_device(args)
+    # What can be refused without measuring anything is refused first (before ranks start).
     against = [a.strip() for a in args.against.split(",") if a.strip()]
     unknown = [a for a in against if a not in BASELINES]
     if unknown:
@@ -321,7 +332,31 @@ def cmd_bench(args) -> int:
         try:
             import torchao  # noqa: F401
         except ImportError:
-            return _usage("--against torchao-*: torchao is not installed (pip install torchao)")
+            return _usage("--against torchao-*: torchao is not installed", hint="pip install torchao")
+    if args.plot:
+        try:
+            _pyplot()
+        except ImportError:
+            return _usage(f"--plot {args.plot}: drawing the plot needs matplotlib, which is not installed",
+                          hint='pip install "planlang[plot]"')
+        if not Path(args.plot).parent.is_dir():
+            return _usage(f"--plot {args.plot}: the folder {Path(args.plot).parent} does not exist",
+                          hint="create it first, or write the plot to an existing folder")
+    plan_files, model_spec = _split_plans_model(args.plans)
+    if not plan_files and not against:
+        return _usage("nothing to bench: no plan file, and --against names no baseline",
+                      hint="give one or more plans (PLAN... [MODEL]), or baselines with --against eager,compile")
+    code = _distributed(args)
+    if code is not None:
+        return code
+    plans = []
+    for f in plan_files:
+        loaded = load_with_source(f)
+        if loaded.plan is None:
+            print(render_text(loaded.diagnostics), file=sys.stderr)
+            return EXIT_USAGE if any(d.code == "PL100" for d in loaded.diagnostics) else EXIT_ERRORS
+        plans.append(loaded)
+    device = _rank_device(args)
     try:
         lm = load_model(model_spec, trust_pickle=args.trust_pickle, device=device)
     except ModelLoadError as exc:
@@ -334,6 +369,7 @@ def cmd_bench(args) -> int:
                      | set(args.batch or []))
     if args.batch:
         buckets = sorted(set(args.batch))
+    buckets = buckets or [1]  # baselines alone, without plans to give buckets
     context = args.context
     prefill = args.prefill
     max_seq = max(context + 8, prefill + 8)
@@ -350,24 +386,45 @@ def cmd_bench(args) -> int:
     reference = ReferenceLogits(model, device, getattr(args, "eval_tokens", 512))
     model.setup_caches(max(buckets), max_seq)
     reps = 50 if device.type == "cuda" else 3
+    catalog_bw = target.memory_bandwidth_gbs if target else None
+    prefill_rows: list[Row] = []  # after the decode rows, in the same contender order
+    if prefill:
+        toks = torch.randint(0, cfg.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(2)).to(device)
+        pos = torch.arange(prefill, device=device)
 
     def decode_rows(name, fn, fill_fn, predicted=None):
         for b in buckets:
+            _reset_peak(device)
             fill_cache(fill_fn, b, context, cfg.vocab_size, device)
             ms = time_ms(decode_step(fn, b, context, cfg.vocab_size, device), device, reps=reps)
-            floor = step_bytes(model, b, context) / (bw * 1e9) * 1e3
+            nbytes = step_bytes(model, b, context)
+            floor = nbytes / (bw * 1e9) * 1e3
             pred = predicted(b) if predicted else None
-            rows.append(Row(name, b, ms, b / ms * 1e3, ms / floor, pred, {"floor_ms": floor}))
+            rows.append(Row(name, b, ms, b / ms * 1e3, ms / floor, pred,
+                            {"floor_ms": floor, "catalog_floor_ms": nbytes / (catalog_bw * 1e9) * 1e3 if catalog_bw else None},
+                            _peak_mib(device)))
             # a line per row as it lands, so a run cut short by a time limit still says something
             guess = f", predicted {pred:.3f} ms ({(pred - ms) / ms:+.0%})" if pred else ""
             print(f"bench: {name} batch {b}: {ms:.3f} ms ({ms / floor:.2f}x floor, floor {floor:.3f} ms{guess})",
                   file=sys.stderr, flush=True)
 
+    def prefill_row(name, fn):
+        """Time one prefill of `--prefill` tokens at batch 1 through `fn`."""
+        def run():
+            with torch.no_grad():
+                fn(toks, pos)
+        _reset_peak(device)
+        ms = time_ms(run, device, reps=max(3, reps // 5), warmup=2)
+        prefill_rows.append(Row(name, 1, ms, prefill / ms * 1e3, None, None, {"prefill_tokens": prefill},
+                                _peak_mib(device)))
+        print(f"bench: {name} prefill {prefill}: {ms:.3f} ms ({prefill / ms * 1e3:.0f} tokens/s)",
+              file=sys.stderr, flush=True)
+
     def torchao_rows():
         for name in (a for a in against if a.startswith("torchao")):
             torch._dynamo.reset()
             peer = torchao_fp8(model, weight_only=name.endswith("-wo"))
-            compiled = torch.compile(peer, mode="reduce-overhead", dynamic=False)
+            compiled = compile_reduce_overhead(peer)
             decode_rows(f"{name}+compile(reduce-overhead)", compiled, peer)
             del peer, compiled
             torch._dynamo.reset()
@@ -376,18 +433,32 @@ def cmd_bench(args) -> int:
 
     if "eager" in against:
         decode_rows("eager", model, model)
+        if prefill:
+            prefill_row("eager", model)
     if "compile" in against:
         torch._dynamo.reset()
-        compiled = torch.compile(model, mode="reduce-overhead", dynamic=False)
+        compiled = compile_reduce_overhead(model)
         decode_rows("compile(reduce-overhead)", compiled, model)
+        if prefill:
+            # compiled afresh for the one prefill shape, so the decode buckets' recompiles
+            # do not count against dynamo's cache limit (which would fall back to eager)
+            torch._dynamo.reset()
+            compiled = compile_reduce_overhead(model)
+            prefill_row("compile(reduce-overhead)", compiled)
+        del compiled
+        torch._dynamo.reset()
     # The plans before torchao, whose compile is the slowest part of a run: a run cut short
     # by a time limit has the plans' rows beside eager and compile.
     for loaded in plans:
         plan = loaded.plan
         restore_caches(model)
         torch._dynamo.reset()
+        # the caches apply sizes for the plan, but never smaller than the buckets timed here
+        cache_batch = max([*buckets, plan.limits.max_batch or max(plan.graphs.buckets)])
+        cache_len = max(max_seq, plan.limits.max_seq_len or min(getattr(cfg, "max_seq_len", 2048), 4096))
         try:
-            planned = apply(model, plan, source=loaded.source, device=device)
+            planned = apply(model, plan, source=loaded.source, device=device, max_batch=cache_batch,
+                            max_seq_len=cache_len)
         except ApplyError as exc:
             print(render_text(exc.diagnostics), file=sys.stderr)
             return EXIT_ERRORS
@@ -419,23 +490,10 @@ def cmd_bench(args) -> int:
             for p in profiles[plan.name][:12]:  # as it lands, like the rows
                 print(f"bench: profile {plan.name} batch {buckets[0]}: {p['us_per_step']:9.1f} us "
                       f"{p['calls_per_step']:5.0f}x {p['kernel'][:90]}", file=sys.stderr, flush=True)
+        if prefill:
+            prefill_row(f"plan {plan.name}", planned)
     torchao_rows()
-    # prefill
-    if prefill:
-        toks = torch.randint(0, cfg.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(2)).to(device)
-        pos = torch.arange(prefill, device=device)
-        pre = []
-        def pf(fn):
-            def run():
-                with torch.no_grad():
-                    fn(toks, pos)
-            return run
-        if "eager" in against:
-            pre.append(("eager", time_ms(pf(model), device, reps=max(3, reps // 5), warmup=2)))
-        if plans:
-            pre.append((f"plan {plans[-1].plan.name}", time_ms(pf(planned), device, reps=max(3, reps // 5), warmup=2)))
-        for name, ms in pre:
-            rows.append(Row(name, 1, ms, prefill / ms * 1e3, None, None, {"prefill_tokens": prefill}))
+    rows.extend(prefill_rows)
     result = {"model": lm.source, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "triton": _triton_version(), "context": context,
               "copy_bandwidth_gbs": bw, "catalog_bandwidth_gbs": target.memory_bandwidth_gbs if target else None,
@@ -448,11 +506,21 @@ def cmd_bench(args) -> int:
     else:
         _print_bench(result)
     if args.plot:
-        _plot(result, args.plot)
+        try:
+            _plot(result, args.plot)
+        except OSError as exc:
+            return _usage(f"--plot {args.plot}: cannot write it: {exc.strerror or exc}")
+        print(f"bench: wrote {args.plot}", file=sys.stderr)
     return EXIT_OK
 
 
 BASELINES = ("eager", "compile", "torchao-fp8", "torchao-fp8-wo")
+
+
+def compile_reduce_overhead(model):
+    """The compile baseline as a PyTorch user writes it: torch.compile in reduce-overhead
+    mode (CUDA graphs on CUDA), static shapes."""
+    return torch.compile(model, mode="reduce-overhead", dynamic=False)
 
 
 def torchao_fp8(model, weight_only: bool):
@@ -584,6 +652,17 @@ def measure_gemv_model(device: torch.device, bandwidth_gbs: float, fp8: bool = F
         return measure_kernel_cost_us(device, bandwidth_gbs), bandwidth_gbs
 
 
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mib(device: torch.device) -> Optional[float]:
+    """Peak memory allocated on the device since `_reset_peak` (everything alive counts: the
+    model, the caches, a compiled graph's pool), in MiB; None off CUDA, where it is not tracked."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
 def _triton_version():
     try:
         import triton
@@ -595,7 +674,7 @@ def _triton_version():
 def _print_bench(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
-    con = Console(width=140)
+    con = Console(width=160)
     con.print(f"[bold]planlang bench[/bold] {r['model']} on {r['device']} (torch {r['torch']}, triton {r['triton']}), "
               f"decode at context {r['context']}; copy bandwidth {r['copy_bandwidth_gbs']:.0f} GB/s measured"
               + (f", {r['catalog_bandwidth_gbs']:.0f} GB/s catalog" if r['catalog_bandwidth_gbs'] else "")
@@ -604,18 +683,21 @@ def _print_bench(r: dict) -> None:
         con.print(f"  {kind} GEMVs in a graph (the roofline's figures): {m['kernel_us']:.2f} us a kernel, "
                   f"weights streamed at {m['stream_gbs']:.0f} GB/s")
     t = Table()
-    for col in ("contender", "batch", "ms", "tokens/s", "floor ms", "x floor", "fp8 floor ms", "predicted ms",
-                "pred. error"):
+    for col in ("contender", "batch", "ms", "tokens/s", "floor ms", "x floor", "catalog floor ms", "fp8 floor ms",
+                "predicted ms", "pred. error", "peak MiB"):
         t.add_column(col, justify="right" if col != "contender" else "left")
     for row in r["rows"]:
         floor = row["extra"].get("floor_ms")
+        cat_floor = row["extra"].get("catalog_floor_ms")
         pred = row["predicted_ms"]
+        peak = row.get("peak_memory_mib")
         err = f"{(pred - row['ms']) / row['ms'] * 100:+.0f}%" if pred else ""
         name = row["contender"] + (f" (prefill {row['extra']['prefill_tokens']})" if "prefill_tokens" in row["extra"] else "")
         t.add_row(name, str(row["batch"]), f"{row['ms']:.3f}", f"{row['tokens_s']:.0f}",
                   f"{floor:.3f}" if floor else "", f"{row['floor_ratio']:.2f}" if row["floor_ratio"] else "",
+                  f"{cat_floor:.3f}" if cat_floor else "",
                   f"{row['extra']['plan_floor_ms']:.3f}" if "plan_floor_ms" in row["extra"] else "",
-                  f"{pred:.3f}" if pred else "", err)
+                  f"{pred:.3f}" if pred else "", err, f"{peak:.0f}" if peak is not None else "")
     con.print(t)
     for n in r["notes"]:
         con.print(f"  note: {n}")
@@ -643,14 +725,18 @@ def _print_bench(r: dict) -> None:
                   f"{base.get(b1, float('nan')):.3f} ms = {base.get(b1, float('nan')) / best[b1]:.2f}x faster")
 
 
+def _pyplot():
+    """matplotlib's pyplot drawing to files (the Agg backend); ImportError without matplotlib
+    (the `plot` extra), which `bench --plot` refuses before it measures anything."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def _plot(r: dict, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("planlang bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
-        return
+    """Decode latency per batch size, a line per contender, written to `path` (PNG)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(x["contender"] for x in r["rows"] if "prefill_tokens" not in x["extra"]):
         pts = [(x["batch"], x["ms"]) for x in r["rows"] if x["contender"] == name and "prefill_tokens" not in x["extra"]]
@@ -661,6 +747,7 @@ def _plot(r: dict, path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
 
 
 def _late(module: str, name: str):

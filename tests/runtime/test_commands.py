@@ -164,3 +164,79 @@ def test_prediction_counts_the_merged_kernels_and_the_streaming_rate():
     wbytes = base.bytes - 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 128 * 2 \
         - cfg.n_layers * (8 * cfg.dim + 4 * cfg.ffn_dim) * 2
     assert slow.ms - base.ms == pytest.approx(wbytes / 1500e9 * 1e3 - wbytes / 3000e9 * 1e3, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def bench_two_plans(tmp_path_factory):
+    """One CPU bench of two plans beside eager and compile, its JSON result and stderr.
+    The compile baseline stands aside (the model itself is its contender): compiling on
+    the CPU takes longer than the rest of the run, and what is checked is the rows."""
+    import contextlib
+    import io
+
+    from planlang.runtime import commands
+    folder = tmp_path_factory.mktemp("bench")
+    for name, fusions in (("a", "[qkv]"), ("b", "[qkv, swiglu]")):
+        (folder / f"{name}.yaml").write_text(f"planlang: 1\nname: {name}\nfusions: {fusions}\n")
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        mp.setattr(commands, "compile_reduce_overhead", lambda model: model)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["bench", str(folder / "a.yaml"), str(folder / "b.yaml"), "builtin:llama-tiny",
+                         "--context", "8", "--prefill", "4", "--batch", "1", "--batch", "2",
+                         "--against", "eager,compile", "--eval-tokens", "0", "--json"])
+    assert code == 0, err.getvalue()
+    assert "Traceback" not in err.getvalue()
+    return json.loads(out.getvalue()), err.getvalue()
+
+
+def _decode(rows):
+    return [r for r in rows if "prefill_tokens" not in r["extra"]]
+
+
+def _prefill(rows):
+    return [r for r in rows if "prefill_tokens" in r["extra"]]
+
+
+def test_bench_times_prefill_for_eager_compile_and_every_plan(bench_two_plans):
+    r, _ = bench_two_plans
+    pre = _prefill(r["rows"])
+    assert [x["contender"] for x in pre] == ["eager", "compile(reduce-overhead)", "plan a", "plan b"]
+    assert all(x["extra"]["prefill_tokens"] == 4 and x["batch"] == 1 and x["ms"] > 0 for x in pre)
+    assert all(x["tokens_s"] == pytest.approx(4 / x["ms"] * 1e3) for x in pre)
+
+
+def test_bench_rows_keep_the_order_eager_compile_plans_then_prefill(bench_two_plans):
+    r, _ = bench_two_plans
+    order = [(x["contender"], x["batch"]) for x in r["rows"]]
+    assert order[:8] == [("eager", 1), ("eager", 2), ("compile(reduce-overhead)", 1), ("compile(reduce-overhead)", 2),
+                         ("plan a", 1), ("plan a", 2), ("plan b", 1), ("plan b", 2)]
+    assert len(_prefill(r["rows"][8:])) == len(r["rows"]) - 8
+
+
+def test_bench_decode_rows_carry_the_floor_over_the_catalog_bandwidth_too(bench_two_plans):
+    r, _ = bench_two_plans
+    assert r["catalog_bandwidth_gbs"]  # the catalog's cpu target
+    for x in _decode(r["rows"]):
+        ratio = r["copy_bandwidth_gbs"] / r["catalog_bandwidth_gbs"]
+        assert x["extra"]["catalog_floor_ms"] == pytest.approx(x["extra"]["floor_ms"] * ratio)
+
+
+def test_bench_rows_say_peak_memory_is_not_tracked_on_the_cpu(bench_two_plans):
+    r, _ = bench_two_plans
+    assert all("peak_memory_mib" in x and x["peak_memory_mib"] is None for x in r["rows"])
+
+
+def test_bench_prints_a_progress_line_as_each_row_lands(bench_two_plans):
+    r, err = bench_two_plans
+    lines = [line for line in err.splitlines() if line.startswith("bench: ")]
+    assert len(lines) == len(r["rows"])
+    assert "bench: plan b prefill 4:" in err and "bench: compile(reduce-overhead) batch 2:" in err
+
+
+def test_bench_text_table_has_the_catalog_floor_and_peak_memory_columns(capsys):
+    code, out, err = run_cli(["bench", QUICK, "builtin:llama-tiny", "--context", "8", "--prefill", "0",
+                              "--against", "eager", "--eval-tokens", "0"], capsys)
+    assert code == 0, err
+    assert "catalog floor ms" in out and "peak MiB" in out
