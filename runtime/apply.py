@@ -38,6 +38,7 @@ from .passes.linear import LinearPass  # noqa: E402
 
 PASSES["linear"] = LinearPass()
 from .passes.graph import GraphView, capture
+from .passes.graphs import traced_call
 from .passes.prologue import fold_norms
 from .passes.rope_attention import fuse_rope_attention
 from .parallel.tp import shard_model
@@ -216,7 +217,7 @@ def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kern
         gm.graph.lint()
         gm.recompile()
         if compile_mode == "none":
-            return gm.forward
+            return traced_call(gm, gm.forward)  # a failed capture can name its node (passes/graphs.py)
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
         _declare_fused_buffers(gm)
@@ -488,10 +489,11 @@ def _capture_graphs(model: nn.Module, plan: Plan, forward: Callable, device: tor
     try:
         cap = runner.capture()
     except CaptureError as exc:
-        report.notes.append(f"graphs: {exc}; the model runs eagerly")
+        report.notes.append(f"graphs: error: {exc}; the model runs eagerly")
+        report.graphs = {"buckets": [], "failed": dict(runner.report.failed)}
         return forward
     report.graphs = {"buckets": sorted(runner.graphs), "capture_s": round(cap.capture_s, 3),
                      "pool_mib": round(cap.pool_mib, 1), "failed": cap.failed}
     for size, why in cap.failed.items():
-        report.notes.append(f"graphs: bucket {size} not captured ({why}); batches on it run eagerly")
+        report.notes.append(f"graphs: error: bucket {size} not captured ({why}); batches on it run eagerly")
     return runner

@@ -3,6 +3,7 @@
 this is fast even for billion-parameter models."""
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -32,11 +33,17 @@ def shape_model(spec: Optional[str], trust_pickle: bool = False) -> nn.Module:
     return load_model(spec or None, trust_pickle=trust_pickle, device="cpu").model
 
 
+_HEADS: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
 def op_of(model: nn.Module, name: str, module: nn.Module) -> Optional[str]:
-    """The op kind of a module for `:op` selectors (spec §3)."""
+    """The op kind of a module for `:op` selectors (spec §3). The LM head is the one
+    precision rules leave alone (`passes.precision.lm_head_paths`, found once per model)."""
     if isinstance(module, nn.Linear):
-        head = getattr(model, "lm_head", None) or getattr(model, "get_output_embeddings", lambda: None)()
-        return "lm_head" if module is head else "linear"
+        if model not in _HEADS:
+            from .passes.precision import lm_head_paths
+            _HEADS[model] = lm_head_paths(model)
+        return "lm_head" if name in _HEADS[model] else "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
     cls = type(module).__name__.lower()

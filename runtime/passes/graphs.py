@@ -17,16 +17,80 @@ first decode step (batches up to the largest bucket; `over_max` above it).
 from __future__ import annotations
 
 import copy
+import threading
 import time
+import traceback
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+from torch import fx
 
 
 class CaptureError(RuntimeError):
     """A bucket could not be captured; names the bucket and the cause."""
+
+
+# ----------------------------------------------------------------------------- naming a failure
+class _Blame(threading.local):
+    """While `active`, the planned graphs (`traced_call`) run node by node and `node` is the
+    last one started: after a failed capture, the node (module path, op) that failed."""
+    active = False
+    node = None
+
+
+BLAME = _Blame()
+
+
+class _NodeTracker(fx.Interpreter):
+    def run_node(self, n):
+        BLAME.node = n
+        return super().run_node(n)
+
+
+def traced_call(gm: fx.GraphModule, fn: Callable) -> Callable:
+    """`fn` (gm's compiled forward) as the planned forward calls it; run through
+    `_NodeTracker` instead while BLAME is active (only when a capture failed: never in a
+    replay or an ordinary eager step)."""
+    def call(*args):
+        if BLAME.active:
+            return _NodeTracker(gm).run(*args)
+        return fn(*args)
+    return call
+
+
+_OWN_CODE = ("/torch/", "/planlang/runtime/", "/runtime/passes/", "/runtime/kernels/", "<eval_with_key")
+
+
+def _op_name(node) -> str:
+    target = node.target
+    if node.op == "call_function":
+        return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+    return f"{node.op} {target}"
+
+
+def blame(run: Callable[[], object]) -> Optional[str]:
+    """Run `run` (one failing capture attempt) with the planned graphs tracked node by node;
+    returns where it failed, "layers.3.attn (aten._local_scalar_dense.default)", or for code
+    outside the traced graphs (a graph break) the innermost frame of the model's own source,
+    "model.py:120 in forward"; None when the attempt did not fail."""
+    from .graph import node_module
+    BLAME.active, BLAME.node = True, None
+    try:
+        run()
+    except Exception as exc:  # the failure being located
+        node = BLAME.node
+        if node is not None:
+            return f"{node_module(node) or 'the model top level'} ({_op_name(node)})"
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if not any(o in f.filename for o in _OWN_CODE)]
+        if frames:
+            f = frames[-1]
+            return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}"
+        return "an unknown place (no traced node or model frame in the traceback)"
+    finally:
+        BLAME.active, BLAME.node = False, None
+    return None
 
 
 @dataclass
@@ -92,8 +156,10 @@ class BucketRunner:
                 with torch.cuda.graph(graph, pool=self.pool):
                     logits = self.forward(tokens, self.pos)
             except Exception as exc:  # a host sync, a dynamic shape, an uncapturable op
-                self.report.failed[size] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
                 torch.cuda.synchronize(self.device)
+                where = self._blame(size)
+                self.report.failed[size] = f"at {where}: {why}" if where else why
                 continue
             self.graphs[size] = BucketGraph(size, graph, tokens, logits)
         torch.cuda.synchronize(self.device)
@@ -103,6 +169,22 @@ class BucketRunner:
             size, why = next(iter(self.report.failed.items()))
             raise CaptureError(f"capturing bucket {size} failed: {why}")
         return self.report
+
+    def _blame(self, size: int) -> Optional[str]:
+        """The module and op where capturing bucket `size` fails (a second, throwaway
+        capture with the graphs run node by node), or None."""
+        tokens = torch.zeros(size, 1, dtype=torch.long, device=self.device)
+
+        def attempt():
+            try:
+                with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                    self.forward(tokens, self.pos)
+            finally:
+                torch.cuda.synchronize(self.device)
+        try:
+            return blame(attempt)
+        except Exception:  # never let naming the failure hide it
+            return None
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         batch, steps = tokens.shape
