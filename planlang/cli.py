@@ -78,6 +78,9 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware", action="append", default=[], metavar="FILE")
     p.add_argument("--trust-pickle", action="store_true")
     p.add_argument("--context", type=POSITIVE, default=128, help="decode context for predictions")
+    p.add_argument("--calibration", metavar="BENCH_JSON",
+                   help="predict with the figures a `planlang bench --format json` run measured "
+                        "(copy bandwidth, per-kernel cost, GEMV streaming rate) instead of the catalog's")
     _add_format(p)
 
 
@@ -273,6 +276,22 @@ def cmd_fmt(args) -> int:
     return EXIT_OK
 
 
+def _calibration(path: str, plan):
+    """The figures a bench JSON measured, for the plan's weight dtype (UsageError if unreadable)."""
+    import json
+
+    from planlang.runtime.predict import figures_from_bench, plan_weight_bytes
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return figures_from_bench(data, fp8=plan_weight_bytes(plan) == 1.0)
+    except OSError as exc:
+        raise UsageError(f"--calibration {path}: {exc.strerror or exc}") from None
+    except (ValueError, AttributeError) as exc:
+        raise UsageError(f"--calibration {path}: {exc}; write one with "
+                         f"`planlang bench PLAN MODEL --format json > {path}`") from None
+
+
 def cmd_explain(args) -> int:
     import json
 
@@ -299,9 +318,10 @@ def cmd_explain(args) -> int:
         except ImportError as exc:
             raise UsageError(f"--model needs the runtime (torch): {exc}. "
                              "Install it with `pip install planlang[runtime]`") from None
+        figures = _calibration(args.calibration, loaded.plan) if args.calibration else None
         try:
             data = explain_with_model(data, loaded, args.model, res.target, catalog,
-                                      trust_pickle=args.trust_pickle, context=args.context)
+                                      trust_pickle=args.trust_pickle, context=args.context, figures=figures)
         except ModelLoadError as exc:
             print(f"planlang explain: error: --model {exc.path or args.model}: {exc.message}", file=sys.stderr)
             if exc.hint:

@@ -75,7 +75,8 @@ class Report:
     rules: list[RuleReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     graphs: dict = field(default_factory=dict)
-    precision: dict = field(default_factory=dict)   # GEMM path -> {dtype, kernel}
+    precision: dict = field(default_factory=dict)   # GEMM path -> {dtype, kernel}, where a rule changed it
+    dtypes: dict = field(default_factory=dict)      # every GEMM and op kind -> the dtype it runs in
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -385,6 +386,7 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         report.rules.append(RuleReport("fusions", i, rule.kind, rule.at, [p for p in names if p not in lost], kern,
                                        "; ".join(f"{p}: {why}" for p, why in sorted(lost.items()))))
     _report_precision(plan, pmap, weights, report, training, errors, kv)
+    report.dtypes = _report_dtypes(model, report, kv, training)
     if mode != plan.compile.mode:
         report.notes.append(f"compile mode {plan.compile.mode} runs as {mode}: planlang captures the graphs")
     if mode != "none":
@@ -432,6 +434,23 @@ _OP_NOTES = {
     "matmul": "matmuls other than linears run as the model wrote them",
     "attention": "attention runs in the model's dtype with fp32 softmax",
 }
+
+
+def _report_dtypes(model: nn.Module, report: Report, kv: Optional[dict], training: bool) -> dict:
+    """The dtype every GEMM (by module path) and every other op kind now runs in: a rule's
+    dtype where one won (`report.precision`), else the model's own."""
+    from .passes.precision import lm_head_paths
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    own = {v: k for k, v in TORCH_DTYPES.items()}.get(floating[0] if floating else torch.float32, "fp32")
+    gemms = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            info = None if training else report.precision.get(name)
+            gemms[name] = info["dtype"] if info else own
+    cache = kv["dtype"] if kv and kv.get("layers") and not kv.get("emulated") else own
+    return {"gemms": gemms, "lm_head": sorted(lm_head_paths(model)),
+            "ops": {"norm": "fp32", "softmax": "fp32", "act": "fp32", "attention (qk, pv)": own,
+                    "embedding": own, "kv_cache": cache, "residual stream": own}}
 
 
 def _report_precision(plan: Plan, pmap: PrecisionMap, weights: FusedWeights, report: Report, training: bool,

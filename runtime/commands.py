@@ -96,6 +96,42 @@ def _run_steps(model, prompt: torch.Tensor, steps: int) -> list[torch.Tensor]:
     return out
 
 
+def _hf_causal_lm(model) -> bool:
+    """A Hugging Face causal LM (transformers' PreTrainedModel with a generation head)."""
+    return hasattr(model, "get_output_embeddings") and hasattr(getattr(model, "config", None), "vocab_size") \
+        and hasattr(model, "generate")
+
+
+def _hf_steps(model, cache_len: int, device: torch.device):
+    """`_run_steps` for a Hugging Face causal LM: prefill and greedy decode steps over a fresh
+    `transformers.StaticCache` of `cache_len` positions per call (the model's cache argument
+    is `past_key_values`, or `cache` in transformers releases that renamed it)."""
+    import inspect
+
+    import transformers
+    params = inspect.signature(model.forward).parameters
+    key = "past_key_values" if "past_key_values" in params else "cache"
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+    def steps_of(m, prompt: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        cache = transformers.StaticCache(config=cfg, max_cache_len=cache_len)
+        if hasattr(cache, "early_initialization"):  # allocate now, not inside a traced call
+            cache.early_initialization(prompt.shape[0], cfg.num_key_value_heads, head_dim, dtype, device)
+        out = []
+        with torch.no_grad():
+            logits = m(input_ids=prompt, use_cache=True, **{key: cache}).logits
+            out.append(logits[:, -1].float())
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(steps):
+                logits = m(input_ids=tok, use_cache=True, **{key: cache}).logits
+                out.append(logits[:, -1].float())
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+        return out
+    return steps_of
+
+
 def refuse_on_device(loaded, device: torch.device, command: str) -> Optional[int]:
     """At run time the device present is the target: print what it cannot run and return
     the exit status, or None when the plan can run here."""
@@ -145,31 +181,42 @@ def cmd_apply(args) -> int:
     except ModelLoadError as exc:
         return _model_error(exc)
     model = lm.model.eval()
-    if not hasattr(model, "setup_caches"):
-        return _usage(f"{lm.source}: `planlang apply` drives causal language models with a static cache "
-                      "(built-in or planlang checkpoints); use the Python API with example_inputs for others")
+    builtin = hasattr(model, "setup_caches")
+    if not builtin and not _hf_causal_lm(model):
+        return _usage(f"{lm.source}: `planlang apply` drives causal language models (built-in, planlang "
+                      "checkpoints, Hugging Face causal LMs); use the Python API with example_inputs for others")
     vocab = model.config.vocab_size
     batch, prompt_len, steps = args.batch, min(args.context, 64), 4
-    model.setup_caches(max(batch, plan.limits.max_batch or 1), max(prompt_len + steps + 1, plan.limits.max_seq_len or 0))
     gen = torch.Generator().manual_seed(1234)
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
     reps = 5 if device.type == "cpu" else 20
+    if builtin:
+        def size_caches():
+            model.setup_caches(max(batch, plan.limits.max_batch or 1),
+                               max(prompt_len + steps + 1, plan.limits.max_seq_len or 0))
+        run_steps, example = _run_steps, None
+    else:  # a Hugging Face model decodes over a transformers.StaticCache (what attention fuses on)
+        def size_caches():
+            pass
+        run_steps = _hf_steps(model, prompt_len + steps + 1, device)
+        example = lambda m: run_steps(m, prompt, 1)  # noqa: E731 (what apply traces: prefill and a decode step)
+    size_caches()
 
-    ref = _run_steps(model, prompt, steps)
-    t_ref = _time_ms(lambda: _run_steps(model, prompt, steps), device, reps)
+    ref = run_steps(model, prompt, steps)
+    t_ref = _time_ms(lambda: run_steps(model, prompt, steps), device, reps)
     reference = ReferenceLogits(model, device, getattr(args, "eval_tokens", 1024))
-    model.setup_caches(max(batch, plan.limits.max_batch or 1), max(prompt_len + steps + 1, plan.limits.max_seq_len or 0))
+    size_caches()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     try:
-        planned = apply(model, plan, source=loaded.source, device=device)
+        planned = apply(model, plan, example, source=loaded.source, device=device)
     except ApplyError as exc:
         print(render_text(exc.diagnostics), file=sys.stderr)
         return EXIT_ERRORS
     apply_s = time.perf_counter() - t0
-    got = _run_steps(planned, prompt, steps)
-    t_plan = _time_ms(lambda: _run_steps(planned, prompt, steps), device, reps)
+    got = run_steps(planned, prompt, steps)
+    t_plan = _time_ms(lambda: run_steps(planned, prompt, steps), device, reps)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     ref_all, got_all = torch.cat(ref), torch.cat(got)
     rel = ((got_all - ref_all).norm() / ref_all.norm()).item()
@@ -320,7 +367,8 @@ def _split_plans_model(items: list[str]) -> tuple[list[str], Optional[str]]:
 
 def cmd_bench(args) -> int:
     from .bench import Row, copy_bandwidth_gbs, decode_step, fill_cache, step_bytes, time_ms
-    from .predict import predict_decode
+    from .modelcheck import linear_weight_bytes
+    from .predict import Figures, plan_decode_ms, plan_weight_bytes
     from planlang.hardware import load_catalog
 
     # What can be refused without measuring anything is refused first (before ranks start).
@@ -464,16 +512,16 @@ def cmd_bench(args) -> int:
             return EXIT_ERRORS
         if plan.graphs.capture == "cuda_graph" and device.type != "cuda":
             notes.append(f"{plan.name}: CUDA graphs skipped on {device.type}")
-        kinds = {f.kind for f in plan.fusions}
-        low = {r.dtype for r in plan.precision_rules()}
-        wb = 1.0 if any(d.startswith("fp8") for d in low) else 2.0
+        wb = plan_weight_bytes(plan)
         tf = (target.tflops.get("bf16") if target else None) or 100.0
-        graphs = plan.graphs.capture == "cuda_graph" and device.type == "cuda"
         if device.type == "cuda" and wb not in gemv_models:
             gemv_models[wb] = measure_gemv_model(device, bw, fp8=wb == 1.0)
-        cost, stream = gemv_models.get(wb, (launch_us, bw))
-        pred = (lambda b, kinds=kinds, wb=wb, graphs=graphs, cost=cost, stream=stream: predict_decode(
-            cfg, kinds, wb, b, context, bw, tf, cost, graphs, weight_bandwidth_gbs=stream).ms)
+        cost, stream = gemv_models.get(wb, (launch_us, None))
+        # the one prediction explain prints too (predict.plan_decode_ms), with this run's figures
+        figures = Figures(bw, cost, tf, stream, source="measured" if device.type == "cuda" else "catalog")
+        lw = linear_weight_bytes(model, plan)
+        pred = (lambda b, plan=plan, figures=figures, lw=lw: plan_decode_ms(
+            plan, cfg, b, context, figures, device.type == "cuda", linear_weight_bytes=lw).ms)
         decode_rows(f"plan {plan.name}", planned, planned, pred)
         saved = low_precision_saving(model, planned.report.precision)
         if saved:
@@ -497,7 +545,7 @@ def cmd_bench(args) -> int:
     result = {"model": lm.source, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "triton": _triton_version(), "context": context,
               "copy_bandwidth_gbs": bw, "catalog_bandwidth_gbs": target.memory_bandwidth_gbs if target else None,
-              "launch_us": launch_us,
+              "launch_us": launch_us, "tflops": (target.tflops.get("bf16") if target else None) or 100.0,
               "gemv_models": {("fp8" if k == 1.0 else "bf16"): {"kernel_us": v[0], "stream_gbs": v[1]}
                               for k, v in gemv_models.items()}, "rows": [r.__dict__ for r in rows], "notes": notes, "profile": profiles,
               "accuracy": accuracy}

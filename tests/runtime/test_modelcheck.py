@@ -104,3 +104,28 @@ def test_figures_from_bench_json_use_the_measured_gemv_fit():
     assert (f8.launch_us, f8.weight_bandwidth_gbs) == (1.9, None)
     with pytest.raises(ValueError, match="planlang bench --format json"):
         figures_from_bench({"rows": []}, fp8=False)
+
+
+def test_explain_predicts_with_a_bench_runs_measured_figures(tmp_path, capsys):
+    bench = {"copy_bandwidth_gbs": 2930.0, "launch_us": 1.9, "tflops": 700,
+             "gemv_models": {"bf16": {"kernel_us": 1.6, "stream_gbs": 2600.0}}}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    args = ["explain", "plans/tuned_h100.yaml", "--model", "builtin:llama-1b", "--format", "json"]
+    assert main(args + ["--calibration", str(path)]) == 0
+    measured = json.loads(capsys.readouterr().out)["decode_predictions"]
+    assert measured["figures"]["source"] == "measured" and measured["figures"]["weight_bandwidth_gbs"] == 2600.0
+    assert main(args) == 0
+    catalog = json.loads(capsys.readouterr().out)["decode_predictions"]
+    # Slower weight streaming than the catalog's 3350 GB/s: every bucket predicts slower.
+    assert all(m["ms"] > c["ms"] for m, c in zip(measured["rows"], catalog["rows"]))
+
+
+@pytest.mark.parametrize("content", [None, "not json", "[1, 2]", '{"rows": []}'])
+def test_explain_refuses_an_unreadable_calibration_with_a_hint(tmp_path, capsys, content):
+    path = tmp_path / "bench.json"
+    if content is not None:
+        path.write_text(content)
+    code = main(["explain", "plans/tuned_h100.yaml", "--model", "builtin:llama-1b", "--calibration", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--calibration" in err and "Traceback" not in err
