@@ -441,7 +441,8 @@ def _report_dtypes(model: nn.Module, report: Report, kv: Optional[dict], trainin
     dtype where one won (`report.precision`), else the model's own."""
     from .passes.precision import lm_head_paths
     floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
-    own = {v: k for k, v in TORCH_DTYPES.items()}.get(floating[0] if floating else torch.float32, "fp32")
+    own = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        floating[0] if floating else torch.float32, str(floating[0]).removeprefix("torch.") if floating else "fp32")
     gemms = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
