@@ -503,7 +503,7 @@ def cmd_bench(args) -> int:
         torch._dynamo.reset()
         # the caches apply sizes for the plan, but never smaller than the buckets timed here
         cache_batch = max([*buckets, plan.limits.max_batch or max(plan.graphs.buckets)])
-        cache_len = max(max_seq, plan.limits.max_seq_len or min(getattr(cfg, "max_seq_len", 2048), 4096))
+        cache_len = max(max_seq, plan.limits.max_seq_len or 0)  # no longer than needed: the references read it all
         try:
             planned = apply(model, plan, source=loaded.source, device=device, max_batch=cache_batch,
                             max_seq_len=cache_len)
