@@ -503,7 +503,10 @@ def cmd_bench(args) -> int:
         torch._dynamo.reset()
         # the caches apply sizes for the plan, but never smaller than the buckets timed here
         cache_batch = max([*buckets, plan.limits.max_batch or max(plan.graphs.buckets)])
-        cache_len = max(max_seq, plan.limits.max_seq_len or 0)  # no longer than needed: the references read it all
+        # no longer than needed (the CPU references read it all): the bench's steps, the
+        # accuracy check's chunks, the plan's limit
+        chunk = reference.chunk if reference.tokens is not None else 0
+        cache_len = max(max_seq, chunk, plan.limits.max_seq_len or 0)
         try:
             planned = apply(model, plan, source=loaded.source, device=device, max_batch=cache_batch,
                             max_seq_len=cache_len)
