@@ -13,9 +13,14 @@ K or absent wins. A GEMM's precision is a `GemmPrecision`; the graph passes ask
   `runtime/precision/formats.py`) and the op becomes `planlang::fp8_linear` (weight-only:
   `activations: keep`) or `planlang::fp8_linear_dynamic` (activations scaled per token,
   per tensor or per block at every call);
-- `emulate: true`, and the MX/NVFP4 formats on a device without their GEMMs: the weight is
-  quantized and dequantized once (kept in FP32) and the input quantize-dequantized at the
-  op boundary (`per_block`), then one FP32 GEMM: the numbers of the format, not its speed.
+- `mxfp8` / `nvfp4` / `mxfp4` with `activations: per_block` on sm_100+ (the gate:
+  `precision.blackwell.native_kernel`): the weight is quantized once into the packed layout
+  `torch._scaled_mm` takes and the op becomes `planlang::block_scaled_linear` (the input
+  quantized in the format's blocks at every call); elsewhere `check_device` refuses them;
+- `emulate: true` (and a block-format weight whose shape `_scaled_mm` does not take, or a
+  block format on the CPU): the weight is quantized and dequantized once (kept in FP32) and
+  the input quantize-dequantized at the op boundary (`per_block`), then one FP32 GEMM: the
+  numbers of the format, not its speed.
 
 The parts of a fused GEMM must agree; where they do not, the fusion is not made at that
 site (the pass reports it skipped, with both rules).
@@ -196,9 +201,11 @@ class PrecisionMap:
 class PreparedWeight:
     """A GEMM weight as the plan's precision stores it (made once, at apply time)."""
 
-    data: torch.Tensor                 # fp8 codes, a cast copy, or the fp32 dequantized weight
-    scale: Optional[torch.Tensor]      # fp8 scales (tensor [1], channel [N], block [N, K/b]); else None
+    data: torch.Tensor                 # fp8 / fp4 codes, a cast copy, or the fp32 dequantized weight
+    scale: Optional[torch.Tensor]      # fp8 scales (tensor [1], channel [N], block [N, K/b]), or the
+                                       # swizzled block scales of MXFP8/NVFP4/MXFP4; else None
     kernel: str                        # what will run, for the report
+    tensor_scale: Optional[torch.Tensor] = None  # NVFP4 on sm_100+: each row's part's FP32 scale, [N]
 
 
 def prepare_weight(w: torch.Tensor, spec: GemmPrecision, parts: Optional[Sequence[int]] = None) -> PreparedWeight:
@@ -208,7 +215,7 @@ def prepare_weight(w: torch.Tensor, spec: GemmPrecision, parts: Optional[Sequenc
     quantized on its own, as the rule says for each linear, so a per-tensor scale (FP8
     `tensor`, NVFP4's FP32 scale) is the part's, never the fused tensor's; an FP8 tensor
     scale is then stored as a per-row vector, which the kernels read as channel scales."""
-    from ..precision import formats
+    from ..precision import blackwell, formats
     w = w.detach()
     parts = list(parts) if parts else [w.shape[0]]
     if spec.dtype in TORCH_DTYPES:
@@ -222,6 +229,12 @@ def prepare_weight(w: torch.Tensor, spec: GemmPrecision, parts: Optional[Sequenc
         scale = scales[0] if len(parts) == 1 else torch.cat(scales, dim=0)
         kind = "fp8_linear" if spec.activations == "keep" else "fp8_linear_dynamic"
         return PreparedWeight(torch.cat(datas, dim=0).contiguous(), scale.contiguous(), kind)
+    capability = blackwell.device_capability(w.device) if spec.block_format and not spec.emulate else None
+    if capability is not None:
+        kernel, _, _ = blackwell.native_kernel(spec.dtype, spec.activations, capability)
+        if kernel is not None and blackwell.fits(*w.shape):
+            op = blackwell.prepare_block_weight(w, spec.dtype, parts)
+            return PreparedWeight(op.data, op.scale, kernel, op.tensor_scale)
     fq = torch.cat([formats.fake_quantize(piece.float(), spec.dtype, scaling=spec.scaling, block_size=spec.block_size)
                     for piece in w.split(parts, dim=0)], dim=0)
     return PreparedWeight(fq.contiguous(), None, "emulated_linear")
@@ -242,11 +255,11 @@ def check_device(pmap: PrecisionMap, device: torch.device) -> list[tuple[int, st
         if rule.dtype in names.FP8_DTYPES and sm < 89:
             out.append((i, f"{rule.dtype} needs sm_89+ (Ada, Hopper); this device is sm_{sm}",
                         f"use bf16 on this device, {emulate}"))
-        elif rule.dtype in names.BLOCK_DTYPES and sm < 100:
-            out.append((i, f"{rule.dtype} needs sm_100+ (Blackwell); this device is sm_{sm}",
-                        f"use fp8_e4m3 (sm_89+) here, {emulate}"))
         elif rule.dtype in names.BLOCK_DTYPES:
-            out.append((i, f"planlang has no native {rule.dtype} GEMM yet (sm_{sm})", emulate))
+            from ..precision.blackwell import native_kernel
+            kernel, why, hint = native_kernel(rule.dtype, rule.effective_activations(), (major, minor))
+            if kernel is None:
+                out.append((i, why, f"{hint}, {emulate}"))
     return out
 
 
@@ -271,6 +284,7 @@ def emit_gemm(view, before, x, w: torch.Tensor, bias, key: tuple, spec: GemmPrec
     g = view.graph
     if spec.fp8 and not spec.emulate:
         from ..kernels import fp8_linear  # noqa: F401  (registers planlang::fp8_linear*)
+    from ..precision.blackwell import KERNELS as BLOCK_KERNELS  # registers planlang::block_scaled_linear
     prepared = weights.prepared(key, w, spec)
     sd = shape_dtype(x)
     x_dtype = sd[1] if sd is not None else weights.precision.model_dtype
@@ -285,8 +299,13 @@ def emit_gemm(view, before, x, w: torch.Tensor, bias, key: tuple, spec: GemmPrec
             y = as_written(xc, w_node, bc)
             return g.call_method("to", (y, x_dtype))
     with g.inserting_before(before):
-        if prepared.kernel in ("fp8_linear", "fp8_linear_dynamic"):
+        if prepared.kernel in ("fp8_linear", "fp8_linear_dynamic") + tuple(BLOCK_KERNELS.values()):
             s_node = _get_attr(view, key + ("scale",) + spec.numerics, prepared.scale, before)
+        if prepared.kernel in BLOCK_KERNELS.values():
+            t_node = None if prepared.tensor_scale is None else \
+                _get_attr(view, key + ("tensor_scale",) + spec.numerics, prepared.tensor_scale, before)
+            return g.call_function(torch.ops.planlang.block_scaled_linear.default,
+                                   (x, w_node, s_node, t_node, bias, spec.dtype, act))
         if prepared.kernel == "fp8_linear":
             return g.call_function(torch.ops.planlang.fp8_linear.default,
                                    (x, w_node, s_node, bias, spec.block_size or 0, act))
@@ -362,6 +381,10 @@ def run_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], spe
     if prepared.kernel == "fp8_linear_dynamic":
         return torch.ops.planlang.fp8_linear_dynamic.default(x, prepared.data, prepared.scale, bias, spec.activations,
                                                              spec.block_size or 0, None)
+    from ..precision import blackwell
+    if prepared.kernel in blackwell.KERNELS.values():
+        return blackwell.block_scaled_linear(x, prepared.data, prepared.scale, prepared.tensor_scale, bias,
+                                             spec.dtype, None)
     if prepared.kernel == "emulated_linear":
         from ..kernels.emulated import emulated_linear
         fmt = spec.dtype if spec.activations != "keep" else ""
