@@ -520,7 +520,9 @@ _CHILD = textwrap.dedent("""
     dist.all_reduce(t)
     print(f"rank {rank} sum {t.item()}", flush=True)
     if sys.argv[1] == "fail" and rank == 1:
-        raise SystemExit(3)
+        # at once, with no teardown: dead before rank 0 sees its connection close (a slower
+        # exit races rank 0's own failure, and torchrun then stops rank 1 by a signal)
+        os._exit(3)
     dist.all_reduce(t)   # rank 0 waits here for a rank that is gone: the job must stop, not hang
 """)
 
