@@ -26,6 +26,20 @@ positions are undefined.
 Custom op: `planlang::rope_kvcache(q, k, v, cos, sin, k_cache, v_cache, input_pos,
 k_scale=None, v_scale=None, kv_format="")`, mutating `k_cache` and `v_cache`, with a fake
 implementation. Inference only.
+
+Per-token cos/sin (Hugging Face computes them each call from the position ids, so there
+is no table to read at the write positions):
+
+    rope_kvcache_tokens(q, k, v, cos, sin, k_cache, v_cache, cache_pos) -> (q_rot, k_rot)
+    rope_tokens(q, k, cos, sin) -> (q_rot, k_rot)
+
+cos and sin are [Bc, T, D] with Bc 1 (shared by the batch) or B: token (b, t) rotates with
+row (b if Bc == B else 0, t), whatever positions they were computed from. The rotation is
+the one above; `rope_kvcache_tokens` also writes rotated k and raw v at `cache_pos` [T] as
+`rope_kvcache` does (the write positions need not be the rotary ones; unquantized caches
+only), `rope_tokens` only rotates (no cache, or one the graph writes itself). Both are one
+kernel launch (`_rope_tokens_kernel`, one program per token) and custom ops
+`planlang::rope_kvcache_tokens` (mutating the caches) and `planlang::rope_tokens`.
 """
 from typing import Optional
 
@@ -327,3 +341,208 @@ def _rope_kvcache_fake(q, k, v, cos, sin, k_cache, v_cache, input_pos, k_scale=N
 
 rope_kvcache_op = register_op("rope_kvcache", _rope_kvcache_op, _rope_kvcache_fake,
                             mutates_args=("k_cache", "v_cache"))
+
+
+# ----------------------------------------------------------------------------- per-token cos/sin
+def _check_token_shapes(q, k, cos, sin, v=None, k_cache=None, v_cache=None, cache_pos=None) -> None:
+    """Shape checks of the per-token variants (host metadata only)."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"expected q [B, T, Hq, D] and k [B, T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    b, t, _, d = q.shape
+    if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d or d % 2:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree (or D is odd)")
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] not in (1, b) or tuple(cos.shape[1:]) != (t, d):
+        raise ValueError(f"cos/sin must be [1 or {b}, {t}, {d}] (a row per token), got {tuple(cos.shape)} "
+                         f"and {tuple(sin.shape)}")
+    if k_cache is None:
+        return
+    if v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} is not shaped as k {tuple(k.shape)}")
+    want = (k.shape[2], d)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dim() != 4 or (cache.shape[1], cache.shape[3]) != want or cache.shape[0] < b:
+            raise ValueError(f"{name} {tuple(cache.shape)} is not [Bmax >= {b}, {want[0]}, S, {d}]")
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache {k_cache.dtype} {tuple(k_cache.shape)} and v_cache {v_cache.dtype} "
+                         f"{tuple(v_cache.shape)} differ")
+    if k_cache.dtype in _FP8:
+        raise ValueError(f"a {k_cache.dtype} cache needs the per-KV-head quantize of rope_kvcache; "
+                         "rope_kvcache_tokens writes unquantized caches")
+    if cache_pos.shape != (t,) or cache_pos.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"cache_pos must be an integer tensor [{t}], got {cache_pos.dtype} {tuple(cache_pos.shape)}")
+
+
+def rope_tokens_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch: q and k [B, T, H, D] rotated with the per-token cos/sin [Bc, T, D]
+    (float32 math, cast back); returns fresh contiguous (q_rot, k_rot)."""
+    _check_token_shapes(q, k, cos, sin)
+    c = cos.float()[:, :, None, :]  # [Bc, T, 1, D]: broadcasts over the heads (and a shared batch)
+    s = sin.float()[:, :, None, :]
+    return _rotate(q, c, s).to(q.dtype).contiguous(), _rotate(k, c, s).to(k.dtype).contiguous()
+
+
+def rope_kvcache_tokens_reference(
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+    k_cache: Tensor, v_cache: Tensor, cache_pos: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch: `rope_tokens_reference`, then rotated k and raw v `index_copy_`-ed
+    into rows 0..B-1 of the caches at cache_pos along the sequence axis."""
+    _check_token_shapes(q, k, cos, sin, v, k_cache, v_cache, cache_pos)
+    q_rot, k_rot = rope_tokens_reference(q, k, cos, sin)
+    b = q.shape[0]
+    _write(k_cache, b, cache_pos, k_rot.transpose(1, 2).to(k_cache.dtype))
+    _write(v_cache, b, cache_pos, v.transpose(1, 2).to(v_cache.dtype))
+    return q_rot, k_rot
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_tokens_kernel(
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, qo_ptr, ko_ptr,
+        T, HQ, HKV, S,
+        sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sc_b, sc_t, ss_b, ss_t,
+        skc_b, skc_h, skc_s, svc_b, svc_h, svc_s,
+        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+        WRITE: tl.constexpr, USE_PDL: tl.constexpr = False,
+    ):
+        """One program per token (b, t): rotate its q and k heads with cos/sin row (b, t)
+        (batch stride 0 for a shared row), write q_rot and k_rot, and with WRITE store k_rot
+        and v into the caches at cache_pos[t]."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        pid = tl.program_id(0)
+        b = (pid // T).to(tl.int64)
+        t = (pid % T).to(tl.int64)
+        d = tl.arange(0, BLOCK_HALF)
+        d_mask = d < HALF
+        cb = cos_ptr + b * sc_b + t * sc_t
+        sb = sin_ptr + b * ss_b + t * ss_t
+        cos1 = tl.load(cb + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        cos2 = tl.load(cb + HALF + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        sin1 = tl.load(sb + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        sin2 = tl.load(sb + HALF + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+
+        hq = tl.arange(0, BLOCK_HQ)
+        q_mask = (hq < HQ)[:, None] & d_mask[None, :]
+        o1, o2 = _rotate_heads(q_ptr + b * sq_b + t * sq_t, cos1, cos2, sin1, sin2, hq, sq_h, d, q_mask, HALF)
+        qo = qo_ptr + (pid.to(tl.int64) * HQ + hq[:, None]) * (2 * HALF) + d[None, :]
+        tl.store(qo, o1.to(qo_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(qo + HALF, o2.to(qo_ptr.dtype.element_ty), mask=q_mask)
+
+        hk = tl.arange(0, BLOCK_HKV)
+        kv_mask = (hk < HKV)[:, None] & d_mask[None, :]
+        k1, k2 = _rotate_heads(k_ptr + b * sk_b + t * sk_t, cos1, cos2, sin1, sin2, hk, sk_h, d, kv_mask, HALF)
+        k1 = k1.to(ko_ptr.dtype.element_ty)  # rounded to k's dtype first, as the reference does
+        k2 = k2.to(ko_ptr.dtype.element_ty)
+        ko = ko_ptr + (pid.to(tl.int64) * HKV + hk[:, None]) * (2 * HALF) + d[None, :]
+        tl.store(ko, k1, mask=kv_mask)
+        tl.store(ko + HALF, k2, mask=kv_mask)
+
+        if WRITE:
+            pos = tl.load(pos_ptr + t).to(tl.int64)
+            # An out-of-range position writes no cache entry (built as a vector: see above).
+            pos_vec = tl.zeros([BLOCK_HALF], dtype=tl.int64) + pos
+            cache_mask = (hk < HKV)[:, None] & (d_mask & (pos_vec >= 0) & (pos_vec < S))[None, :]
+            kc = kc_ptr + b * skc_b + hk[:, None] * skc_h + pos * skc_s + d[None, :]
+            tl.store(kc, k1.to(kc_ptr.dtype.element_ty), mask=cache_mask)
+            tl.store(kc + HALF, k2.to(kc_ptr.dtype.element_ty), mask=cache_mask)
+            vp = v_ptr + b * sv_b + t * sv_t + hk[:, None] * sv_h + d[None, :]
+            v1 = tl.load(vp, mask=kv_mask, other=0.0)
+            v2 = tl.load(vp + HALF, mask=kv_mask, other=0.0)
+            vc = vc_ptr + b * svc_b + hk[:, None] * svc_h + pos * svc_s + d[None, :]
+            tl.store(vc, v1.to(vc_ptr.dtype.element_ty), mask=cache_mask)
+            tl.store(vc + HALF, v2.to(vc_ptr.dtype.element_ty), mask=cache_mask)
+
+
+def _rope_tokens_launch(q, k, cos, sin, v=None, k_cache=None, v_cache=None, cache_pos=None):
+    """The one launch of `_rope_tokens_kernel` behind both per-token variants."""
+    if k_cache is not None and (k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1):
+        raise ValueError("the caches' last dimension must be contiguous (they are written in place)")
+    q, k, cos, sin = (_last_dim_contiguous(t) for t in (q, k, cos, sin))
+    bsz, seq, hq, dim = q.shape
+    hkv = k.shape[2]
+    q_rot = torch.empty((bsz, seq, hq, dim), dtype=q.dtype, device=q.device)
+    k_rot = torch.empty((bsz, seq, hkv, dim), dtype=k.dtype, device=k.device)
+    if bsz * seq == 0:
+        return q_rot, k_rot
+    write = k_cache is not None
+    if write:
+        v = _last_dim_contiguous(v)
+    else:  # never read (WRITE is off): any tensors of the right kind
+        v, k_cache, v_cache, cache_pos = k, k_rot, k_rot, q
+    cos, sin = cos.expand(bsz, seq, dim), sin.expand(bsz, seq, dim)  # a shared row: batch stride 0
+    half = dim // 2
+    block_hq = triton.next_power_of_2(hq)
+    heads_elems = (block_hq + triton.next_power_of_2(hkv)) * triton.next_power_of_2(half)
+    _rope_tokens_kernel[(bsz * seq,)](
+        q, k, v, cos, sin, k_cache, v_cache, cache_pos, q_rot, k_rot,
+        seq, hq, hkv, k_cache.shape[2] if write else 0,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        *((k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)) if write else (0,) * 6),
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_HQ=block_hq,
+        BLOCK_HKV=triton.next_power_of_2(hkv), WRITE=write,
+        num_warps=4 if heads_elems <= 2048 else 8, **pdl_launch(q.device),
+    )
+    return q_rot, k_rot
+
+
+def rope_tokens_triton(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton launch of `rope_tokens_reference`."""
+    _check_token_shapes(q, k, cos, sin)
+    return _rope_tokens_launch(q, k, cos, sin)
+
+
+def rope_kvcache_tokens_triton(
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+    k_cache: Tensor, v_cache: Tensor, cache_pos: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Triton launch of `rope_kvcache_tokens_reference`: one kernel for the whole step."""
+    _check_token_shapes(q, k, cos, sin, v, k_cache, v_cache, cache_pos)
+    return _rope_tokens_launch(q, k, cos, sin, v, k_cache, v_cache, cache_pos)
+
+
+def rope_tokens(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate q and k [B, T, H, D] with per-token cos/sin [1 or B, T, D] (HF rotate_half,
+    float32 math); returns fresh (q_rot, k_rot). See the module docstring."""
+    if use_triton(q, k, cos, sin):
+        return rope_tokens_triton(q, k, cos, sin)
+    return rope_tokens_reference(q, k, cos, sin)
+
+
+def rope_kvcache_tokens(
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+    k_cache: Tensor, v_cache: Tensor, cache_pos: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """`rope_tokens`, and rotated k and raw v written into k_cache / v_cache rows 0..B-1 at
+    cache_pos (in place). See the module docstring."""
+    if use_triton(q, k, v, cos, sin, k_cache, v_cache, cache_pos):
+        return rope_kvcache_tokens_triton(q, k, v, cos, sin, k_cache, v_cache, cache_pos)
+    return rope_kvcache_tokens_reference(q, k, v, cos, sin, k_cache, v_cache, cache_pos)
+
+
+def _rope_tokens_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return rope_tokens(q, k, cos, sin)
+
+
+def _rope_tokens_fake(q, k, cos, sin):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _rope_kvcache_tokens_op(
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+    k_cache: Tensor, v_cache: Tensor, cache_pos: Tensor,
+) -> tuple[Tensor, Tensor]:
+    return rope_kvcache_tokens(q, k, v, cos, sin, k_cache, v_cache, cache_pos)
+
+
+def _rope_kvcache_tokens_fake(q, k, v, cos, sin, k_cache, v_cache, cache_pos):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+rope_tokens_op = register_op("rope_tokens", _rope_tokens_op, _rope_tokens_fake)
+rope_kvcache_tokens_op = register_op("rope_kvcache_tokens", _rope_kvcache_tokens_op, _rope_kvcache_tokens_fake,
+                                     mutates_args=("k_cache", "v_cache"))

@@ -16,13 +16,13 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.fx as fx
 
 from .graph import (LINEAR_TARGETS, MUL_METHODS, MUL_TARGETS, GraphView, adopt, erase_unused, evaluate, is_add, is_call,
-                    hint, is_inplace, node_module, same_dims, shape_dtype)
+                    hint, is_inplace, node_arg, node_module, same_dims, shape_dtype)
 
 
 @dataclass
@@ -464,6 +464,242 @@ class QKVPass(FusionPass):
         return kernel
 
 
+# ----------------------------------------------------------------------------- rope_kvcache
+
+def _per_token(n: Any, x: Any) -> Optional[tuple[fx.Node, str]]:
+    """(c, how) when n, the cos or sin a rotation of x [B, H, T, D] multiplies by, is a
+    tensor of one row per token broadcast over the heads: n is [Bc, 1, T, D], [1, T, D] or
+    [T, D] with Bc 1 or B. c is the node to read and `how` what turns it into the kernel's
+    [Bc, T, D]: "" (c is that already: n itself, or n = c.unsqueeze(1) as Hugging Face
+    writes it), "squeeze1" or "unsqueeze0"."""
+    sx, sn = shape_dtype(x), shape_dtype(n)
+    if sx is None or sn is None or len(sx[0]) != 4 or not sn[1].is_floating_point:
+        return None
+    (b, _, t, d), shape = sx[0], tuple(sn[0])
+    if len(shape) == 4:
+        if not (same_dims(shape[1:], (1, t, d)) and ((isinstance(shape[0], int) and shape[0] == 1)
+                                                    or same_dims(shape[0], b))):
+            return None
+        base = n.args[0] if is_call(n, {torch.unsqueeze}, ("unsqueeze",)) and node_arg(n, 1, "dim") == 1 else None
+        sb = shape_dtype(base)
+        return (base, "") if sb is not None and len(sb[0]) == 3 else (n, "squeeze1")
+    if len(shape) == 3 and same_dims(shape, (1, t, d)):
+        return n, ""
+    if len(shape) == 2 and same_dims(shape, (t, d)):
+        return n, "unsqueeze0"
+    return None
+
+
+def _first_use(nodes, order: dict) -> int:
+    """The graph position of the first reader of any of `nodes`."""
+    return min((order[u] for n in nodes for u in n.users), default=len(order))
+
+
+def _aliases(node: fx.Node) -> set:
+    """node and every view of it the graph takes (slices, byte views, transposes...)."""
+    out, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in out:
+            continue
+        out.add(n)
+        todo.extend(u for u in n.users if u.target is operator.getitem or
+                    (u.op == "call_method" and u.target in _VIEW_METHODS | {"view"}))
+    return out
+
+
+def _writes_to(u: fx.Node) -> bool:
+    """Whether u changes its first argument in place (`x.add_(.)`, `x[i] = .`, `x += .`)."""
+    return is_inplace(u) or (u.op == "call_function" and u.target is operator.setitem) or \
+        (u.op == "call_function" and getattr(u.target, "__name__", "").endswith("_"))
+
+
+class RopePass(FusionPass):
+    """q, k rotation (+ the static-cache write of k and v) -> one planlang op.
+
+    1. Where cos and sin are rows of [max_seq, D] tables read at the cache write positions
+       (gpt-fast, the built-in models): `attention.RopeKVCachePass`'s site and rewrite,
+       planlang::rope_kvcache, unchanged.
+    2. Otherwise, where cos and sin are per-token tensors computed in the graph ([1 or B,
+       T, D], unsqueezed over the heads: Hugging Face's rotary embedding of the position
+       ids), the rotation reads them as they are, so the rotary positions and the write
+       positions need not be one tensor:
+       - a module with two static-cache writes `cache.index_copy_(2, pos, x)` (Hugging
+         Face's StaticCache layers), the key write's value the rotation of k and the value
+         write's v, and one query rotation with the same cos/sin: planlang::rope_kvcache_tokens
+         (rotation and both writes, at `pos`). The caches must be unquantized, the rotations
+         keep q's / k's dtype, and nothing between the fused op and the writes it replaces
+         may touch the caches;
+       - a module with no static-cache write (no cache, or one that concatenates) and
+         exactly two rotations sharing one cos/sin, q and k projections viewed [B, T, H, D]
+         and transposed: planlang::rope_tokens, the graph's own cache code left as it is.
+    Partial rotary (rotating a slice of the head) and interleaved rotary (GPT-J pairs) do
+    not match `x*cos + rotate_half(x)*sin` of a whole projection and stay unfused, with the
+    reason in `explain`.
+    """
+
+    kind = "rope_kvcache"
+
+    def __init__(self) -> None:
+        from .attention import RopeKVCachePass
+        self.table = RopeKVCachePass()
+
+    def find(self, view: GraphView) -> list[Site]:
+        return [s for _, s in self._candidates(view) if isinstance(s, Site)]
+
+    def explain(self, view: GraphView) -> dict[str, str]:
+        """Module path -> why the rotation / cache write there is no site."""
+        return {p: s for p, s in self._candidates(view) if isinstance(s, str)}
+
+    def _candidates(self, view: GraphView):
+        from .attention import _cache_writes, _rope
+        by_module: dict[str, list[dict]] = {}
+        for w in _cache_writes(view):
+            by_module.setdefault(node_module(w["node"]) or "", []).append(w)
+        ropes = [(n, r) for n in view.graph.nodes if (r := _rope(n)) is not None]
+        for path, ws in by_module.items():
+            place, found = self.table._site(view, path, ws, ropes)
+            if isinstance(found, str) and not any(w["quant"] for w in ws if "quant" in w):
+                place, found = self._cached(view, path, ws, ropes, found)
+            yield place, found
+        written = set(by_module)
+        by_path: dict[str, list] = {}
+        for n, r in ropes:
+            path = node_module(n) or ""
+            if not any(w == path or w.startswith(path + ".") or path.startswith(w + ".") for w in written):
+                by_path.setdefault(path, []).append((n, r))
+        for path, rs in by_path.items():
+            yield path, self._uncached(view, path, rs)
+
+    @staticmethod
+    def _rotation(view: GraphView, n: fx.Node, r: dict) -> Union[dict, str]:
+        """The rotation n = x*cos + rotate_half(x)*sin with per-token cos/sin, as the op reads it."""
+        from .attention import _bthd
+        c, s = _per_token(r["cos"], r["x"]), _per_token(r["sin"], r["x"])
+        if c is None or s is None:
+            return ("cos/sin are neither rows of a [max_seq, D] table read at the cache write positions "
+                    "nor per-token tensors [1 or B, T, D] broadcast over the heads")
+        x = _bthd(r["x"])
+        if x is None:
+            return ("the rotated tensor is not a whole [B, T, H, D] projection transposed to [B, H, T, D] "
+                    "(partial rotary, or another layout)")
+        sn, sx, sc, ss = shape_dtype(n), shape_dtype(r["x"]), shape_dtype(c[0]), shape_dtype(s[0])
+        if sn is None or sx is None or sc is None or ss is None or sn[1] != sx[1] or sc[1] != ss[1] \
+                or not same_dims(sc[0], ss[0]) or c[1] != s[1]:
+            return "the rotation changes the dtype of q/k (cos/sin of another dtype), or cos and sin differ in shape"
+        return {"node": n, "x": x, "cos": c, "sin": s}
+
+    def _cached(self, view, path, ws, ropes, table_why: str) -> tuple[str, Union[Site, str]]:
+        """A per-token site with the two static-cache writes of module `path`."""
+        from .attention import _FP8_FORMATS, _bthd, _common_module, _rope, _strip
+        if len(ws) != 2:
+            return path, table_why
+        if any(view.input_tensor(w["cache"]).dtype in _FP8_FORMATS for w in ws):
+            return path, table_why
+        krope = [(n, r, w) for w in ws if (r := _rope(n := _strip(w["value"]))) is not None]
+        if len(krope) != 1:
+            return path, table_why
+        (k_rot, rk, kw), = krope
+        vw = next(w for w in ws if w is not kw)
+        place = _common_module(path, node_module(k_rot))
+        if vw["pos"] is not kw["pos"] or kw["cache"] is vw["cache"]:
+            return place, table_why
+        rot = self._rotation(view, k_rot, rk)
+        if isinstance(rot, str):
+            return place, rot
+        v_in = _bthd(_strip(vw["value"]))
+        if v_in is None:
+            return place, "v is not a [B, T, H, D] projection transposed to [B, H, T, D]"
+        qs = [q for n, r in ropes if n is not k_rot and _common_module(node_module(n), place) == place
+              and not isinstance(q := self._rotation(view, n, r), str)
+              and (q["cos"], q["sin"]) == (rot["cos"], rot["sin"])]
+        if len(qs) != 1:
+            return place, f"expected one query rotation with the key's cos/sin, found {len(qs)}"
+        return place, Site(self.kind, place, (place,),
+                           {"q": qs[0], "k": rot, "v": v_in, "pos": kw["pos"], "k_cache": kw["cache"],
+                            "v_cache": vw["cache"], "k_write": kw["node"], "v_write": vw["node"]},
+                           {"cos_sin": "per_token", "cache": "static"})
+
+    def _uncached(self, view, path, rs) -> Union[Site, str]:
+        """A rope-only site: the two rotations of module `path` that share one cos/sin."""
+        rots = [self._rotation(view, n, r) for n, r in rs]
+        good = [r for r in rots if not isinstance(r, str)]
+        if not good:
+            return next(r for r in rots)
+        groups: dict[tuple, list] = {}
+        for r in good:
+            groups.setdefault((r["cos"], r["sin"]), []).append(r)
+        pairs = [g for g in groups.values() if len(g) == 2]
+        if len(pairs) != 1 or len(groups) != 1:
+            return (f"expected a query and a key rotation sharing one cos/sin, found {len(good)} "
+                    f"rotation(s) over {len(groups)} cos/sin pair(s)")
+        q, k = pairs[0]
+        sq, sk = shape_dtype(q["x"])[0], shape_dtype(k["x"])[0]
+        if not (same_dims(sq[0], sk[0]) and same_dims(sq[1], sk[1]) and same_dims(sq[3], sk[3])):
+            return "the two rotations are not of one batch, length and head size"
+        return Site(self.kind, path, (path,), {"q": q, "k": k}, {"cos_sin": "per_token", "cache": "none"})
+
+    def rewrite(self, view: GraphView, site: Site, weights: FusedWeights) -> str:
+        if site.info.get("cos_sin") != "per_token":
+            return self.table.rewrite(view, site, weights)
+        from .attention import _ancestors_until
+        g, n = view.graph, site.nodes
+        q, k = n["q"], n["k"]
+        cached = site.info["cache"] == "static"
+        order = {node: i for i, node in enumerate(g.nodes)}
+        inputs = [q["x"], k["x"], q["cos"][0], q["sin"][0]]
+        if cached:
+            inputs += [n["v"], n["k_cache"], n["v_cache"], n["pos"]]
+        last = max(inputs, key=order.__getitem__)
+        if _first_use([q["node"], k["node"]], order) <= order[last]:
+            return "skipped: a rotation is used before the fused op's inputs exist"
+        # The op reads its inputs (and, cached, writes the caches) at one point: nothing from
+        # the first input to the last node it replaces may change an input in place, nor
+        # read the caches after that point.
+        writes = {n["k_write"], n["v_write"]} if cached else set()
+        first = min(order[x] for x in inputs)
+        end = max(order[x] for x in [q["node"], k["node"], *writes])
+        if any(first < order[u] <= end and u not in writes and _writes_to(u) and u.args[0] is a
+               for x in inputs for a in _aliases(x) for u in a.users):
+            return "skipped: an input of the fused op changes in place before the nodes it replaces ran"
+        if cached:
+            caches = _aliases(n["k_cache"]) | _aliases(n["v_cache"])
+            if any(order[last] < order[u] < end and u not in writes and u not in caches
+                   for c in caches for u in c.users):
+                return "skipped: the caches are read between the fused op and the writes it replaces"
+        with g.inserting_before(last.next):  # (inserting_after would reverse the nodes)
+            cs = []
+            for c, how in (q["cos"], q["sin"]):
+                cs.append(g.call_method("squeeze", (c, 1)) if how == "squeeze1"
+                          else g.call_method("unsqueeze", (c, 0)) if how == "unsqueeze0" else c)
+            if cached:
+                fused = g.call_function(torch.ops.planlang.rope_kvcache_tokens.default,
+                                        (q["x"], k["x"], n["v"], *cs, n["k_cache"], n["v_cache"], n["pos"]))
+            else:
+                fused = g.call_function(torch.ops.planlang.rope_tokens.default, (q["x"], k["x"], *cs))
+            outs = []
+            for i in (0, 1):
+                rot = g.call_function(operator.getitem, (fused, i))
+                outs.append((rot, g.call_method("transpose", (rot, 1, 2))))
+        for c in cs:
+            if c not in (q["cos"][0], q["sin"][0]):
+                adopt(c, q["node"], value=False)
+        adopt(fused, k["node"], value=False)
+        for old, (rot, new) in zip((q["node"], k["node"]), outs):
+            adopt(rot, old, value=False)
+            adopt(new, old)
+        if cached:  # the writes are the fused op's now; their results (the caches) stay
+            for w in (n["k_write"], n["v_write"]):
+                w.replace_all_uses_with(w.args[0])
+            erase_unused(g, [n["k_write"], n["v_write"]])
+        for old, (_, new) in zip((q["node"], k["node"]), outs):
+            old.replace_all_uses_with(new)
+        for old in (k["node"], q["node"]):
+            erase_unused(g, _ancestors_until(old, set(inputs)))
+        erase_unused(g, [x for pair in outs for x in pair])  # a rotation nothing reads (k, written only)
+        return "rope_kvcache_tokens" if cached else "rope_tokens"
+
+
 def explain_misses(views: list[GraphView], kind: str, selects) -> dict[str, str]:
     """Over all captured graphs: module path -> why the `kind` pass found no site there,
     for the paths `selects(path)` accepts and where no graph has a site."""
@@ -478,8 +714,8 @@ def explain_misses(views: list[GraphView], kind: str, selects) -> dict[str, str]
 
 
 def _all_passes() -> dict[str, FusionPass]:
-    from .attention import AttentionPass, RopeKVCachePass
-    return {p.kind: p for p in (RMSNormResidualPass(), SwiGLUPass(), QKVPass(), RopeKVCachePass(), AttentionPass())}
+    from .attention import AttentionPass
+    return {p.kind: p for p in (RMSNormResidualPass(), SwiGLUPass(), QKVPass(), RopePass(), AttentionPass())}
 
 
 PASSES: dict[str, FusionPass] = {}

@@ -4,10 +4,11 @@ download): Llama, Qwen2 (q/k/v biases), Mistral (sliding window) and Gemma-2 (Ge
 
 Decoding runs over `transformers.StaticCache`, whose layers write with `index_copy_` at
 `arange(T) + counter`: `attention` fuses there (its mask is a position mask over the cache
-slots). `rope_kvcache` does not: Hugging Face computes cos/sin from the position ids each
-call and writes the cache at its own counter, two tensors the fused kernel would need to be
-one, so the rule is `required: false` and the pass says why. Without a static cache
-(the default: a dynamic cache that concatenates) neither applies, and the passes say why.
+slots), and so does `rope_kvcache`: Hugging Face computes cos/sin from the position ids
+each call, so the pass takes them as per-token tensors (planlang::rope_kvcache_tokens: the
+rotation with those rows, the cache writes at the cache's own positions). Without a static
+cache (the default: a dynamic cache that concatenates; or no cache at all) the rotation
+still fuses (planlang::rope_tokens) and `attention` does not, and its pass says why.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ ARCHS = {
                {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
                 "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}, "eager"),
 }
-FUSED = ["rmsnorm_residual", "qkv", "swiglu", "attention"]
+FUSED = ["rmsnorm_residual", "qkv", "swiglu", "rope_kvcache", "attention"]
 TRITON_ARCH = "llama"
 
 
@@ -128,7 +129,7 @@ class Planned:
     def __init__(self, arch: str):
         self.arch = arch
         self.model, self.twin = build(arch), build(arch)
-        plan = make_plan(*FUSED, {"kind": "rope_kvcache", "required": False})
+        plan = make_plan(*FUSED)
         with pass_log() as log, kernels_for(arch):
             self.planned = apply(self.model, plan, example_inputs=lambda m: decode(m, tokens_for(1), steps=1))
             tokens = tokens_for(0)
@@ -162,7 +163,7 @@ def norm_places(arch):
 
 def test_report_places_use_the_models_own_module_names(planned):
     assert sorted(planned.rule("rmsnorm_residual").places) == norm_places(planned.arch)
-    for kind in ("qkv", "attention"):
+    for kind in ("qkv", "rope_kvcache", "attention"):
         assert planned.rule(kind).places == [f"model.layers.{i}.self_attn" for i in LAYERS], kind
     assert planned.rule("swiglu").places == [f"model.layers.{i}.mlp" for i in LAYERS]
     backend = "triton" if planned.arch == TRITON_ARCH and triton_available("cpu")[0] else "reference"
@@ -180,8 +181,9 @@ def test_every_graph_runs_the_fused_kernels(planned):
             assert not done.startswith("skipped"), (kind, path, done)
             places[kind].append(path)
         assert sorted(places["rmsnorm_residual"]) == norm_places(planned.arch)
-        assert len(places["qkv"]) == len(places["swiglu"]) == len(places["attention"]) == len(LAYERS)
-        assert "rope_kvcache" not in places
+        for kind in ("qkv", "swiglu", "rope_kvcache", "attention"):
+            assert len(places[kind]) == len(LAYERS), kind
+        assert {done for kind, _, done, _ in graph if kind == "rope_kvcache"} == {"rope_kvcache_tokens"}
 
 
 def test_norms_take_the_residual_add_only_where_it_feeds_them(planned):
@@ -236,49 +238,127 @@ def test_prefill_and_decode_match_the_unplanned_twin(planned):
         assert rel_err(got, want) < F32_TOL, f"call {step}"
 
 
-def test_rope_kvcache_is_left_out_and_the_pass_says_why(planned):
-    rule = planned.rule("rope_kvcache")
-    assert rule.places == []
-    assert any("rope_kvcache" in n and "found no site" in n for n in planned.planned.report.notes)
-    why = explain_misses(planned.views, "rope_kvcache", lambda path: True)
-    assert sorted(why) == [f"model.layers.{i}.self_attn" for i in LAYERS]
-    assert all("cos/sin are computed each call" in w for w in why.values())
+def test_rope_kvcache_takes_the_per_token_cos_sin_and_the_static_cache_writes(planned):
+    """cos/sin come from the model's rotary embedding of the position ids; the writes are
+    StaticCache's `index_copy_` at its counter: one fused op per layer does both."""
+    for graph in planned.graphs:
+        info = {path: i for kind, path, _, i in graph if kind == "rope_kvcache"}
+        assert sorted(info) == [f"model.layers.{i}.self_attn" for i in LAYERS]
+        assert all(i == {"cos_sin": "per_token", "cache": "static"} for i in info.values()), info
+    assert "rope_kvcache_tokens" in planned.rule("rope_kvcache").kernel
+    assert explain_misses(planned.views, "rope_kvcache", lambda path: True) == {}
+    assert not any("rope_kvcache" in n for n in planned.planned.report.notes)
 
 
-def test_without_a_static_cache_attention_and_rope_are_left_out_with_reasons():
-    """The default trace (token ids only: a dynamic cache) fuses the norms and linears."""
-    model, twin = build("llama"), build("llama")
-    plan = make_plan("rmsnorm_residual", "qkv", "swiglu",
-                     *({"kind": k, "required": False} for k in ("rope_kvcache", "attention")))
+def test_the_planned_static_cache_holds_what_the_twins_holds():
+    """The fused op wrote the rotated keys and the values where StaticCache would."""
+    case = _PLANNED.get("qwen2") or Planned("qwen2")
+    tokens = tokens_for(4)
+    caches = []
+    for model in (case.planned, case.twin):
+        cache = static_cache(case.model)
+        with torch.no_grad(), kernels_for("qwen2"):
+            model(input_ids=tokens[:, :PROMPT], cache=cache, use_cache=True)
+            model(input_ids=tokens[:, PROMPT:PROMPT + 1], cache=cache, use_cache=True)
+        caches.append(cache)
+    for got, want in zip(*(c.layers for c in caches)):
+        assert torch.isfinite(got.keys).all() and torch.isfinite(got.values).all()
+        assert rel_err(got.keys, want.keys) < F32_TOL and rel_err(got.values, want.values) < F32_TOL
+
+
+def rope_rewrites(log, since: int = 0) -> dict:
+    """Graph id -> {place: what the rope_kvcache pass did} for the rewrites after `since`."""
+    out: dict = {}
+    for gid, kind, path, done, info in log.rewrites[since:]:
+        if kind == "rope_kvcache":
+            out.setdefault(gid, {})[path] = (done, info["cache"])
+    return out
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_without_a_static_cache_rope_fuses_alone_and_attention_says_why(arch):
+    """The default trace (token ids only: a dynamic cache that concatenates) and a forward
+    without any cache: the rotation is fused (planlang::rope_tokens), the cache code stays
+    the model's, attention is left out with its reason; decoding over the dynamic cache
+    and the cache-less forward match the twin."""
+    model, twin = build(arch), build(arch)
+    plan = make_plan("rmsnorm_residual", "qkv", "swiglu", "rope_kvcache", {"kind": "attention", "required": False})
+    layers = [f"model.layers.{i}.self_attn" for i in LAYERS]
     with pass_log() as log, kernels_for("default"):
         planned = apply(model, plan)
-    rules = {r.what: r for r in planned.report.rules}
-    assert rules["qkv"].places == [f"model.layers.{i}.self_attn" for i in LAYERS]
-    assert rules["rope_kvcache"].places == rules["attention"].places == []
-    for kind, reason in (("rope_kvcache", "no static KV-cache write"), ("attention", "not read from a static cache")):
-        assert any(kind in n and "found no site" in n for n in planned.report.notes)
-        why = explain_misses(log.views, kind, lambda path: True)
-        assert sorted(why) == [f"model.layers.{i}.self_attn" for i in LAYERS], kind
-        assert all(reason in w for w in why.values()), why
-    tokens = tokens_for(3)
-    with torch.no_grad(), kernels_for("default"):
-        got = planned(input_ids=tokens, use_cache=False).logits
-        want = twin(input_ids=tokens, use_cache=False).logits
-    assert rel_err(got, want) < F32_TOL
+        rules = {r.what: r for r in planned.report.rules}
+        assert rules["qkv"].places == rules["rope_kvcache"].places == layers
+        assert rules["rope_kvcache"].kernel.startswith("planlang::rope_tokens")
+        assert rules["attention"].places == []
+        assert any("attention" in n and "found no site" in n for n in planned.report.notes)
+        why = explain_misses(log.views, "attention", lambda path: True)
+        assert sorted(why) == layers and all("not read from a static cache" in w for w in why.values()), why
+        assert explain_misses(log.views, "rope_kvcache", lambda path: True) == {}
+
+        tokens = tokens_for(3)
+        with torch.no_grad():
+            seen = len(log.rewrites)
+            got = planned(input_ids=tokens, use_cache=False).logits  # a new graph: no cache at all
+            want = twin(input_ids=tokens, use_cache=False).logits
+            assert rel_err(got, want) < F32_TOL
+            no_cache = rope_rewrites(log, seen)
+            outs = [m(input_ids=tokens[:, :PROMPT], use_cache=True) for m in (planned, twin)]
+            for p in range(PROMPT, PROMPT + STEPS):  # the dynamic cache the model's own code extends
+                outs = [m(input_ids=tokens[:, p:p + 1], cache=o.cache, use_cache=True)
+                        for m, o in zip((planned, twin), outs)]
+                assert rel_err(outs[0].logits, outs[1].logits) < F32_TOL, p
+    assert no_cache, "the cache-less forward was traced and rewritten"
+    for graph in rope_rewrites(log).values():
+        assert graph == {path: ("rope_tokens", "none") for path in layers}
 
 
 def test_a_rolled_sliding_window_cache_is_no_attention_site():
     """Gemma-2 with a window shorter than the prompt: its sliding layers' static cache
     takes the prompt without a write (then rolls), so only the full-attention layer
-    fuses, and the model still matches its twin."""
+    fuses attention and the cache write; the sliding layer's rotation fuses alone (its
+    cache code stays the model's), and the model still matches its twin."""
     model, twin = build("gemma2", sliding_window=4), build("gemma2", sliding_window=4)
-    plan = make_plan({"kind": "attention", "required": False})
+    plan = make_plan({"kind": "attention", "required": False}, "rope_kvcache")
     with pass_log() as log, kernels_for("gemma2"):
         planned = apply(model, plan, example_inputs=lambda m: decode(m, tokens_for(1), steps=1))
         tokens = tokens_for(0)
         got, want = decode(planned, tokens), decode(twin, tokens)
     assert {path for _, kind, path, *_ in log.rewrites if kind == "attention"} == {"model.layers.1.self_attn"}
+    for graph in rope_rewrites(log).values():
+        assert graph == {"model.layers.0.self_attn": ("rope_tokens", "none"),
+                         "model.layers.1.self_attn": ("rope_kvcache_tokens", "static")}
     why = explain_misses(log.views, "attention", lambda path: True)
     assert set(why) == {"model.layers.0.self_attn"}
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < F32_TOL
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_partial_rotary_is_left_unfused_with_the_reason(cache):
+    """Phi rotates only the first half of each head (`partial_rotary_factor`) and concatenates
+    the rest unrotated: no rotation of a whole projection, so no site, the pass says why, and
+    the model still matches its twin."""
+    def phi():
+        config = transformers.PhiConfig(**COMMON, partial_rotary_factor=0.5)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        return transformers.PhiForCausalLM(config).eval()
+
+    model, twin = phi(), phi()
+    plan = make_plan({"kind": "rope_kvcache", "required": False})
+    example = (lambda m: decode(m, tokens_for(1), steps=1)) if cache == "static" else None
+    with pass_log() as log, kernels_for("default"):
+        planned = apply(model, plan, example_inputs=example)
+        tokens = tokens_for(0)
+        if cache == "static":
+            got, want = decode(planned, tokens), decode(twin, tokens)
+        else:
+            with torch.no_grad():
+                got, want = [planned(input_ids=tokens).logits], [twin(input_ids=tokens).logits]
+    assert planned.report.rules[0].places == []
+    why = explain_misses(log.views, "rope_kvcache", lambda path: True)
+    assert sorted(why) == [f"model.layers.{i}.self_attn" for i in LAYERS]
+    reason = "is not rotated" if cache == "static" else "partial rotary"
+    assert all(reason in w for w in why.values()), why
     for g, w in zip(got, want):
         assert rel_err(g, w) < F32_TOL

@@ -180,6 +180,99 @@ def test_rope_kvcache_op_compiles_with_fullgraph_and_mutates_the_caches(monkeypa
     assert k_cache.abs().sum() > 0, "the compiled op wrote into the caller's cache"
 
 
+# ----------------------------------------------------------------------------- per-token cos/sin
+def token_rows(b, t, d, shared, base=10000.0):
+    """cos/sin [1 or B, T, D] as Hugging Face's rotary embedding computes them from position
+    ids (here random, distinct per batch row unless shared)."""
+    ids = torch.randint(0, 50, (1 if shared else b, t), dtype=torch.float64)
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    emb = torch.cat([ids[..., None] * inv_freq] * 2, dim=-1)
+    return emb.cos().float().to(DEVICE), emb.sin().float().to(DEVICE)
+
+
+def rotate64_tokens(x, cos, sin):
+    c, s = cos.double()[:, :, None, :], sin.double()[:, :, None, :]
+    x1, x2 = x.double().chunk(2, dim=-1)
+    return x.double() * c + torch.cat([-x2, x1], dim=-1) * s
+
+
+@needs_triton
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-rows", "rows-per-batch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rope_kvcache_tokens_matches_reference_float64_and_writes_only_its_positions(poisoned, dtype, shape, shared):
+    b, t, hq, hkv, d, bmax, s = shape
+    q, k, v, _, _, k_cache, v_cache, pos = make_step(b, t, hq, hkv, d, dtype, bmax, s)
+    cos, sin = token_rows(b, t, d, shared)
+    k_ref_cache, v_ref_cache = k_cache.clone(), v_cache.clone()
+    q_rot, k_rot = rope_mod.rope_kvcache_tokens_triton(q, k, v, cos, sin, k_cache, v_cache, pos)
+    q_ref, k_ref = rope_mod.rope_kvcache_tokens_reference(q, k, v, cos, sin, k_ref_cache, v_ref_cache, pos)
+
+    check(q_rot, q_ref, rotate64_tokens(q, cos, sin), dtype)
+    check(k_rot, k_ref, rotate64_tokens(k, cos, sin), dtype)
+    written = written_mask(k_cache, b, pos)
+    assert torch.isnan(k_cache[~written]).all() and torch.isnan(v_cache[~written]).all()
+    assert torch.equal(k_cache[:b, :, pos], k_rot.transpose(1, 2)), "the cache holds k_rot itself"
+    assert torch.equal(v_cache[:b, :, pos], v.transpose(1, 2)), "v is written unrotated"
+    assert torch.equal(k_cache.isnan(), k_ref_cache.isnan())
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_rope_tokens_matches_reference_and_float64(poisoned, dtype, shape):
+    b, t, hq, hkv, d, _, _ = shape
+    q, k, *_ = make_step(b, t, hq, hkv, d, dtype, 1, 1)
+    cos, sin = token_rows(b, t, d, shared=False)
+    q_rot, k_rot = rope_mod.rope_tokens_triton(q, k, cos, sin)
+    q_ref, k_ref = rope_mod.rope_tokens_reference(q, k, cos, sin)
+    check(q_rot, q_ref, rotate64_tokens(q, cos, sin), dtype)
+    check(k_rot, k_ref, rotate64_tokens(k, cos, sin), dtype)
+    assert q_rot.is_contiguous() and k_rot.is_contiguous()
+
+
+def test_rope_tokens_reference_is_the_table_rotation_at_the_positions():
+    """Rows gathered from a table at the positions rotate exactly as rope_kvcache does."""
+    q, k, v, cos, sin, k_cache, v_cache, pos = make_step(2, 3, 4, 2, 8, torch.float32, 2, 6)
+    want = rope_mod.rope_kvcache_reference(q, k, v, cos, sin, k_cache.clone(), v_cache.clone(), pos)
+    got = rope_mod.rope_tokens_reference(q, k, cos[pos][None], sin[pos][None])
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@needs_triton
+def test_rope_kvcache_tokens_kernel_skips_cache_writes_at_out_of_range_positions():
+    q, k, v, _, _, k_cache, v_cache, _ = make_step(1, 2, 2, 1, 8, torch.float32, 1, 4)
+    cos, sin = token_rows(1, 2, 8, shared=True)
+    rope_mod.rope_kvcache_tokens_triton(q, k, v, cos, sin, k_cache, v_cache, torch.tensor([1, 4], device=DEVICE))
+    assert torch.isfinite(k_cache[0, :, 1]).all()
+    assert torch.isnan(k_cache[0, :, [0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("bad", ["cos rows", "fp8 cache"])
+def test_rope_kvcache_tokens_rejects_what_it_cannot_compute(bad):
+    q, k, v, _, _, k_cache, v_cache, pos = make_step(2, 3, 2, 1, 8, torch.float32, 2, 6)
+    cos, sin = token_rows(2, 3, 8, shared=True)
+    if bad == "cos rows":
+        cos, sin, match = cos[:, :2], sin[:, :2], "a row per token"
+    else:
+        k_cache = torch.zeros(k_cache.shape, dtype=torch.float8_e4m3fn, device=DEVICE)
+        v_cache, match = k_cache.clone(), "unquantized"
+    with pytest.raises(ValueError, match=match):
+        rope_mod.rope_kvcache_tokens(q, k, v, cos, sin, k_cache, v_cache, pos)
+
+
+def test_rope_tokens_ops_pass_opcheck():
+    q, k, v, _, _, k_cache, v_cache, pos = make_step(2, 3, 2, 1, 8, torch.float32, 3, 6)
+    k_cache.normal_()
+    v_cache.normal_()
+    for shared in (True, False):
+        cos, sin = token_rows(2, 3, 8, shared)
+        torch.library.opcheck(torch.ops.planlang.rope_kvcache_tokens.default,
+                              (q, k, v, cos, sin, k_cache, v_cache, pos))
+        torch.library.opcheck(torch.ops.planlang.rope_tokens.default, (q, k, cos, sin))
+
+
 # ----------------------------------------------------------------------------- GPU, real shapes
 @gpu
 @needs_cuda
