@@ -51,7 +51,8 @@ case "${STAGE:-check}" in
 next)
   timeout ${T_TESTS:-150} python3 -m pytest -q -m gpu -p no:cacheprovider -rfs \
     tests/runtime/test_kernels_attention.py tests/runtime/test_kernels_rope_attention.py \
-    tests/runtime/test_bench_graph_timing.py tests/runtime/test_commands.py tests/runtime/test_graph_replay.py \
+    tests/runtime/test_bench_graph_timing.py tests/runtime/test_commands.py tests/runtime/test_capture_blame.py \
+    tests/runtime/test_kernels_rope.py tests/runtime/test_graph_replay.py \
     > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/gpu_tests.log"
   timeout ${T_KB:-70} python3 benchmarks/bench_kernels_b.py --quick --out "$OUT/kernels_b.json" > "$OUT/kernels_b.txt" 2>&1
   timeout ${T_VAR:-150} python3 benchmarks/bench_variants.py plans/h100_fp8_decode.yaml --variant base: \
