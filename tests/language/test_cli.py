@@ -18,6 +18,8 @@ import pytest
 
 import planlang
 from planlang import cli
+
+from tests.cli_run import run  # noqa: F401 (used by the tests below)
 from planlang.diagnostics import CODES
 from planlang.hardware import load_catalog
 from planlang.plan import Plan
@@ -30,18 +32,6 @@ INVALID = Path(__file__).parent / "invalid"
 CORPUS = sorted(INVALID.iterdir())
 DIAG_KEYS = {"code", "severity", "message", "file", "line", "column", "hint"}
 HEADER = re.compile(r"^(?P<file>.+?):(?P<line>\d+):(?P<col>\d+): (?P<sev>error|warning|note)\[(?P<code>PL\d{3})\]: ")
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    """`planlang ARGS` in-process: (exit status, stdout, stderr). argparse's own exits (usage
-    errors) count as the status they carry, as they would for the real command."""
-    try:
-        rc = cli.main([str(a) for a in args])
-    except SystemExit as exc:
-        rc = exc.code if isinstance(exc.code, int) else 2
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return rc, out, err
 
 
 def run_process(*args, cwd=ROOT) -> subprocess.CompletedProcess:

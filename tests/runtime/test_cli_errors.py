@@ -9,6 +9,8 @@ import pytest
 
 from planlang import cli
 
+from tests.cli_run import run  # noqa: F401 (used by the tests below)
+
 QUICK = "plans/quickstart.yaml"
 TINY = "builtin:llama-tiny"
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,17 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(autouse=True)
 def reference_kernels(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    """`planlang ARGS` in-process; argparse's exits count as the status they carry."""
-    try:
-        rc = cli.main([str(a) for a in args])
-    except SystemExit as exc:
-        rc = exc.code if isinstance(exc.code, int) else 2
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return rc, out, err
 
 
 # ----------------------------------------------------------------------------- models
