@@ -169,6 +169,28 @@ if triton is not None:
         return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
 
     @triton.jit
+    def _rotate_store_qk(q_base, k_base, qo_ptr, ko_ptr, pid, cos1, cos2, sin1, sin2, sq_h, sk_h, HQ, HKV, d, d_mask,
+                         HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr):
+        """Token `pid`'s q and k heads rotated and stored as q_rot and k_rot (contiguous
+        [.., heads, 2 * HALF]); returns k_rot's halves in k's dtype (rounded first, as the
+        reference does), the KV head offsets and their mask, for the cache writes."""
+        hq = tl.arange(0, BLOCK_HQ)
+        q_mask = (hq < HQ)[:, None] & d_mask[None, :]
+        o1, o2 = _rotate_heads(q_base, cos1, cos2, sin1, sin2, hq, sq_h, d, q_mask, HALF)
+        qo = qo_ptr + (pid.to(tl.int64) * HQ + hq[:, None]) * (2 * HALF) + d[None, :]
+        tl.store(qo, o1.to(qo_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(qo + HALF, o2.to(qo_ptr.dtype.element_ty), mask=q_mask)
+        hk = tl.arange(0, BLOCK_HKV)
+        kv_mask = (hk < HKV)[:, None] & d_mask[None, :]
+        k1, k2 = _rotate_heads(k_base, cos1, cos2, sin1, sin2, hk, sk_h, d, kv_mask, HALF)
+        k1 = k1.to(ko_ptr.dtype.element_ty)
+        k2 = k2.to(ko_ptr.dtype.element_ty)
+        ko = ko_ptr + (pid.to(tl.int64) * HKV + hk[:, None]) * (2 * HALF) + d[None, :]
+        tl.store(ko, k1, mask=kv_mask)
+        tl.store(ko + HALF, k2, mask=kv_mask)
+        return k1, k2, hk, kv_mask
+
+    @triton.jit
     def _kv_quant(x, scale, QUANT: tl.constexpr, E5M2: tl.constexpr, FMAX: tl.constexpr,
                   MANT: tl.constexpr, EMIN: tl.constexpr, ROUND_IN_FP32: tl.constexpr):
         """x (float32) as the cache stores it: QUANT 1, the FP8 codes of clamp(x / scale);
@@ -225,25 +247,10 @@ if triton is not None:
         sin1 = tl.load(sin_ptr + pos * s_sin + d, mask=cs_mask, other=0.0).to(tl.float32)[None, :]
         sin2 = tl.load(sin_ptr + pos * s_sin + HALF + d, mask=cs_mask, other=0.0).to(tl.float32)[None, :]
 
-        # q heads -> q_rot (contiguous [B, T, HQ, 2 * HALF])
-        hq = tl.arange(0, BLOCK_HQ)
-        q_mask = (hq < HQ)[:, None] & d_mask[None, :]
-        o1, o2 = _rotate_heads(q_ptr + b * sq_b + t * sq_t, cos1, cos2, sin1, sin2, hq, sq_h, d,
-                               q_mask, HALF)
-        qo = qo_ptr + (pid.to(tl.int64) * HQ + hq[:, None]) * (2 * HALF) + d[None, :]
-        tl.store(qo, o1.to(qo_ptr.dtype.element_ty), mask=q_mask)
-        tl.store(qo + HALF, o2.to(qo_ptr.dtype.element_ty), mask=q_mask)
-
-        # k heads -> k_rot and the k cache; rounded to k's dtype first, as the reference does
-        hk = tl.arange(0, BLOCK_HKV)
-        kv_mask = (hk < HKV)[:, None] & d_mask[None, :]
-        k1, k2 = _rotate_heads(k_ptr + b * sk_b + t * sk_t, cos1, cos2, sin1, sin2, hk, sk_h, d,
-                               kv_mask, HALF)
-        k1 = k1.to(ko_ptr.dtype.element_ty)
-        k2 = k2.to(ko_ptr.dtype.element_ty)
-        ko = ko_ptr + (pid.to(tl.int64) * HKV + hk[:, None]) * (2 * HALF) + d[None, :]
-        tl.store(ko, k1, mask=kv_mask)
-        tl.store(ko + HALF, k2, mask=kv_mask)
+        # q heads -> q_rot, k heads -> k_rot, then k_rot into the k cache
+        k1, k2, hk, kv_mask = _rotate_store_qk(q_ptr + b * sq_b + t * sq_t, k_ptr + b * sk_b + t * sk_t, qo_ptr,
+                                               ko_ptr, pid, cos1, cos2, sin1, sin2, sq_h, sk_h, HQ, HKV, d, d_mask,
+                                               HALF, BLOCK_HQ, BLOCK_HKV)
         cache_mask = (hk < HKV)[:, None] & cs_mask[None, :]
         kc = kc_ptr + b * skc_b + hk[:, None] * skc_h + pos * skc_s + d[None, :]
         if QUANT != 0:  # an FP8 cache: a scale per KV head
@@ -424,21 +431,9 @@ if triton is not None:
         sin1 = tl.load(sb + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
         sin2 = tl.load(sb + HALF + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
 
-        hq = tl.arange(0, BLOCK_HQ)
-        q_mask = (hq < HQ)[:, None] & d_mask[None, :]
-        o1, o2 = _rotate_heads(q_ptr + b * sq_b + t * sq_t, cos1, cos2, sin1, sin2, hq, sq_h, d, q_mask, HALF)
-        qo = qo_ptr + (pid.to(tl.int64) * HQ + hq[:, None]) * (2 * HALF) + d[None, :]
-        tl.store(qo, o1.to(qo_ptr.dtype.element_ty), mask=q_mask)
-        tl.store(qo + HALF, o2.to(qo_ptr.dtype.element_ty), mask=q_mask)
-
-        hk = tl.arange(0, BLOCK_HKV)
-        kv_mask = (hk < HKV)[:, None] & d_mask[None, :]
-        k1, k2 = _rotate_heads(k_ptr + b * sk_b + t * sk_t, cos1, cos2, sin1, sin2, hk, sk_h, d, kv_mask, HALF)
-        k1 = k1.to(ko_ptr.dtype.element_ty)  # rounded to k's dtype first, as the reference does
-        k2 = k2.to(ko_ptr.dtype.element_ty)
-        ko = ko_ptr + (pid.to(tl.int64) * HKV + hk[:, None]) * (2 * HALF) + d[None, :]
-        tl.store(ko, k1, mask=kv_mask)
-        tl.store(ko + HALF, k2, mask=kv_mask)
+        k1, k2, hk, kv_mask = _rotate_store_qk(q_ptr + b * sq_b + t * sq_t, k_ptr + b * sk_b + t * sk_t, qo_ptr,
+                                               ko_ptr, pid, cos1, cos2, sin1, sin2, sq_h, sk_h, HQ, HKV, d, d_mask,
+                                               HALF, BLOCK_HQ, BLOCK_HKV)
 
         if WRITE:
             pos = tl.load(pos_ptr + t).to(tl.int64)
