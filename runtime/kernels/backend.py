@@ -155,6 +155,40 @@ def gdc_functions():
         return _no_wait, _no_launch
 
 
+# PLANLANG_PDL_PREFETCH=1 (with PDL on): a GEMV that waits for the kernel before it first
+# issues L2 prefetches for its whole weight slice (`l2_prefetch`), so HBM streams this
+# kernel's weights while the previous one drains, not only its first tile. Off by default
+# until measured (benchmarks/bench_variants.py, variant pdlpf).
+PREFETCH_ENV = "PLANLANG_PDL_PREFETCH"
+
+
+def prefetch_launch(device: torch.device | str, elem_size: int) -> dict:
+    """The `PF_LINE` constexpr of a GEMV: elements per 128-byte line of a weight of
+    `elem_size` bytes when kernels on `device` launch with PDL and PLANLANG_PDL_PREFETCH is
+    on, else 0 (no prefetch)."""
+    on = env_switch(PREFETCH_ENV, False, "off") and pdl_enabled(device)
+    return {"PF_LINE": max(1, 128 // elem_size) if on else 0}
+
+
+@functools.lru_cache(maxsize=None)
+def prefetch_function():
+    """`l2_prefetch(rows, k_lo, k_hi, LINE)` for use inside kernels: a `prefetch.global.L2`
+    of one address per LINE elements of columns [k_lo, k_hi) of every row (rows: a [R, 1]
+    tensor of row pointers, all valid). PTX inline assembly: CUDA only, never under the
+    interpreter (`prefetch_launch` gives PF_LINE 0 there)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def l2_prefetch(rows, k_lo, k_hi, LINE: tl.constexpr):
+        LINES: tl.constexpr = 32
+        for k0 in range(k_lo, k_hi, LINE * LINES):
+            cols = tl.minimum(k0 + tl.arange(0, LINES) * LINE, k_hi - 1)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                      [rows + cols[None, :]], dtype=tl.int32, is_pure=False, pack=1)
+    return l2_prefetch
+
+
 def register_op(name: str, fn, fake, mutates_args=()):
     """The torch.library custom op `planlang::<name>` over `fn`, with `fake` for shapes. A
     module imported under a second name finds the op already there and reuses it."""

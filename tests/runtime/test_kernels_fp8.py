@@ -340,9 +340,11 @@ def _fp8_chain(ws, x):
 
 
 @pytest.mark.gpu
-def test_gpu_pdl_fp8_chain_in_a_cuda_graph_equals_the_chain_without_pdl(monkeypatch):
+@pytest.mark.parametrize("prefetch", ["0", "1"])
+def test_gpu_pdl_fp8_chain_in_a_cuda_graph_equals_the_chain_without_pdl(monkeypatch, prefetch):
     from planlang.runtime.kernels import backend
     monkeypatch.setenv(backend.PDL_ENV, "1")
+    monkeypatch.setenv(backend.PREFETCH_ENV, prefetch)
     on, why = backend.pdl_status(DEVICE)
     if not on:
         pytest.skip(why)
