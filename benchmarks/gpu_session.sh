@@ -19,7 +19,8 @@
 #   next   (the session after 2026-12-07's third) call 1 of 2: the GPU tests of what changed
 #          since the last H100 run, the attention/sampling kernels (the tiled merge against
 #          one split a step), and A/B of the switches on the FP8 and the tuned bf16 plans;
-#          call 2 is STAGE=final
+#          the PDL switches that won (benchmarks/choose_variant.py) go to /tmp/planlang_choice.env,
+#          which call 2, STAGE=final on the same warm machine, sources (CHOICE=0: not)
 # The final bench takes about 7 minutes (torchao's compile is the slow part): give it
 # T_BENCH=480 and the other steps less, or drop torchao from --against. bench measures the
 # plans before torchao, so a bench cut short still has the plans beside eager and compile.
@@ -67,6 +68,10 @@ next)
     --batch 1 --batch 16 --rounds 5 --reps 30 \
     --out "$OUT/variants_bf16.json" > "$OUT/variants_bf16.txt" 2>&1; echo "rc=$?" >> "$OUT/variants_bf16.txt"
   cp "$OUT/variants_fp8.txt" "$OUT/variants_bf16.txt" "$OUT_STAGE/" 2>/dev/null
+  # the PDL switches that won on this machine, for STAGE=final's call on the same warm machine
+  python3 benchmarks/choose_variant.py "$OUT/variants_fp8.json" "$OUT/variants_bf16.json" --only pdl,pdlpf \
+    > /tmp/planlang_choice.env 2> "$OUT/choice.txt"; cat /tmp/planlang_choice.env >> "$OUT/choice.txt"
+  cp "$OUT/choice.txt" "$OUT_STAGE/" 2>/dev/null; cat "$OUT/choice.txt"
   tail -n 4 "$OUT/gpu_tests.log"; tail -n 25 "$OUT/kernels_b.txt"; tail -n 30 "$OUT"/variants_*.txt
   ;;
 check)
@@ -126,6 +131,10 @@ final)
       > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/gpu_tests.log"
   fi
   best=plans/h100_decode.yaml; [ -f plans/tuned_h100.yaml ] && best=plans/tuned_h100.yaml
+  # STAGE=next's choice of PDL switches on this (still warm) machine, unless CHOICE=0
+  if [ "${CHOICE:-1}" != 0 ] && [ -f /tmp/planlang_choice.env ]; then
+    . /tmp/planlang_choice.env; { echo "switches from STAGE=next:"; cat /tmp/planlang_choice.env; } >> "$OUT/env.txt"
+  fi
   timeout ${T_BENCH:-400} python3 -m planlang.cli bench $best plans/h100_fp8_decode.yaml builtin:llama-1b \
     --against ${AGAINST:-eager,compile,torchao-fp8} --batch 1 --batch 16 --prefill ${PREFILL:-0} --profile \
     --eval-tokens 256 > "$OUT/bench_final.txt" 2> "$OUT/bench_final.err"
