@@ -139,8 +139,11 @@ final)
     --eval-tokens 256 > "$OUT/bench_final.txt" 2> "$OUT/bench_final.err"
   timeout ${T_BUCKETS:-100} python3 -m planlang.cli bench $best builtin:llama-1b --against "" --prefill 0 \
     > "$OUT/bench_buckets.txt" 2> "$OUT/bench_buckets.err"
-  timeout ${T_KB:-60} python3 benchmarks/bench_kernels_b.py --quick --out "$OUT/kernels_b.json" > "$OUT/kernels_b.txt" 2>&1
-  cat "$OUT/bench_final.txt" "$OUT/bench_buckets.txt"; tail -n 30 "$OUT/kernels_b.txt"
+  cp "$OUT/bench_buckets.txt" "$OUT_STAGE/" 2>/dev/null
+  if [ "${T_KB:-60}" -gt 0 ]; then  # T_KB=0: skip (STAGE=next measured the kernels)
+    timeout ${T_KB:-60} python3 benchmarks/bench_kernels_b.py --quick --out "$OUT/kernels_b.json" > "$OUT/kernels_b.txt" 2>&1
+  fi
+  cat "$OUT/bench_final.txt" "$OUT/bench_buckets.txt"; tail -n 30 "$OUT/kernels_b.txt" 2>/dev/null
   ;;
 tune)
   # the kernel sweeps first (they set defaults), then the tune itself
