@@ -1,6 +1,6 @@
 """Fused attention and sampling kernels against their PyTorch counterparts, on one GPU.
 
-    python benchmarks/bench_kernels_b.py --out results/kernels_b.json [--sweep] [--quick]
+    python benchmarks/bench_kernels_b.py --out results/kernels_b.json [--sweep] [--quick] [--cases PAT,PAT]
 
 Cases (llama-1b attention shapes: 32 query heads, 8 KV heads, head dim 64; bf16):
 - decode: one new token per row over a static cache of 4096 positions, batch {1, 4, 16},
@@ -18,7 +18,11 @@ Cases (llama-1b attention shapes: 32 query heads, 8 KV heads, head dim 64; bf16)
 
 Times are GPU medians of CUDA-graph replays (triton.testing.do_bench_cudagraph), so launch
 overhead is excluded on both sides; falls back to triton.testing.do_bench. Every case runs
-in its own try/except: one failure prints its error and the rest go on. `--sweep` also
+in its own try/except: one failure prints its error and the rest go on. Each case's rows
+are printed as it finishes and the JSON is rewritten after every case, so a run cut short
+by a time limit keeps what it measured. `--cases` runs only the cases whose name contains
+one of the comma-separated patterns (names: "decode b=1 ctx=4096", "sampling b=1 top_k",
+"prefill 2048", ...). `--sweep` also
 times a few decode configurations (block_n, num_warps, splits) to help pick defaults.
 The last line is the headline: the worst decode ratio, soft-capped ours over SDPA
 (target <= 1.2).
@@ -228,13 +232,14 @@ def sampling_case(batch: int, filters: str, dtype, rows: list, sweep_split: bool
 
 
 # ------------------------------------------------------------------------------ driver
-def print_table(rows: list) -> None:
+def print_table(rows: list, header: bool = True) -> None:
     """Times in microseconds. ratio: decode = ours with soft-cap / SDPA without; prefill =
     ours without soft-cap / SDPA; sampling = ours / torch."""
-    print("times in us; ratio: decode = ours+cap / SDPA, prefill = ours / SDPA, sampling = ours / torch")
-    header = f"{'case':<14} {'batch':>5} {'ctx/filter':>12} {'ours':>9} {'ours+cap':>9} {'torch':>9} {'ratio':>6}  note"
-    print(header)
-    print("-" * len(header))
+    if header:
+        print("times in us; ratio: decode = ours+cap / SDPA, prefill = ours / SDPA, sampling = ours / torch")
+        head = f"{'case':<14} {'batch':>5} {'ctx/filter':>12} {'ours':>9} {'ours+cap':>9} {'torch':>9} {'ratio':>6}  note"
+        print(head)
+        print("-" * len(head))
     for r in rows:
         where = str(r.get("context", r.get("filters", "")))
         if "error" in r:
@@ -263,7 +268,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="kernels_b.json", help="where to write the JSON results")
     parser.add_argument("--sweep", action="store_true", help="also time decode/prefill kernel configurations")
-    parser.add_argument("--quick", action="store_true", help="fewer cases (batch 1 and 16, context 128 and 4096)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer cases (batch 1 and 16, context 128 and 4096) and no sampling sweeps")
+    parser.add_argument("--cases", default="", help="comma-separated name patterns: run only matching cases")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels_b needs a CUDA GPU")
@@ -277,20 +284,16 @@ def main() -> None:
     cases.append(("prefill 2048", prefill_case, (2048, rows, args.sweep)))
     for b in (1, 16):
         for filters in ("top_k", "top_p", "top_k+top_p", "none"):
-            cases.append((f"sampling b={b} {filters}", sampling_case, (b, filters, torch.float32, rows, b == 1)))
+            cases.append((f"sampling b={b} {filters}", sampling_case,
+                          (b, filters, torch.float32, rows, b == 1 and not args.quick)))
         cases.append((f"sampling b={b} top_k bf16", sampling_case, (b, "top_k", torch.bfloat16, rows)))
     for filters in ("top_k", "top_p", "none"):  # where the row kernel is the default: is it still the better one?
-        cases.append((f"sampling b=64 {filters}", sampling_case, (64, filters, torch.float32, rows, True)))
-    for name, fn, fargs in cases:
-        try:
-            fn(*fargs)
-        except Exception as exc:  # one failure must not stop the rest
-            traceback.print_exc()
-            rows.append(dict(case=name, error=f"{type(exc).__name__}: {exc}", torch_ms=float("nan"), ratio=float("nan")))
-
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
-          f"SDPA GQA: {'enable_gqa' if GQA else 'expanded K/V'}")
-    print_table(rows)
+        cases.append((f"sampling b=64 {filters}", sampling_case, (64, filters, torch.float32, rows, not args.quick)))
+    patterns = [p.strip() for p in args.cases.split(",") if p.strip()]
+    if patterns:
+        cases = [c for c in cases if any(p in c[0] for p in patterns)]
+        if not cases:
+            raise SystemExit(f"bench_kernels_b: no case matches --cases {args.cases!r}")
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
                 sdpa_gqa="enable_gqa" if GQA else "expanded")
     try:
@@ -298,8 +301,21 @@ def main() -> None:
         meta["triton"] = triton.__version__
     except Exception:
         pass
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2, default=str)
+    print(f"device: {meta['device']}  torch {torch.__version__}  triton {meta.get('triton', '?')}  "
+          f"SDPA GQA: {'enable_gqa' if GQA else 'expanded K/V'}", flush=True)
+    for name, fn, fargs in cases:
+        before = len(rows)
+        try:
+            fn(*fargs)
+        except Exception as exc:  # one failure must not stop the rest
+            traceback.print_exc()
+            rows.append(dict(case=name, error=f"{type(exc).__name__}: {exc}", torch_ms=float("nan"), ratio=float("nan")))
+        print(f"-- {name}", flush=True)
+        print_table(rows[before:], header=False)
+        with open(args.out, "w") as f:  # rewritten after every case: a cut-short run keeps its rows
+            json.dump(dict(meta=meta, rows=rows), f, indent=2, default=str)
+
+    print_table(rows)
     decode = [r["ratio"] for r in rows if r["case"] == "decode" and "error" not in r]
     sampling = [r["ratio"] for r in rows if r["case"] == "sampling" and "error" not in r]
     worst = max(decode) if decode else math.nan
