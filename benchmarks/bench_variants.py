@@ -54,6 +54,7 @@ from planlang.runtime.apply import ApplyError, apply
 from planlang.runtime.bench import copy_bandwidth_gbs, decode_step, fill_cache, step_bytes, time_ms
 from planlang.runtime.commands import _triton_version, profile_step
 from planlang.runtime.models.checkpoint import load_model
+from planlang.runtime.predict import plan_weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = dict(plans=[str(ROOT / "plans" / "h100_decode.yaml")], model="builtin:llama-tiny", device="cpu",
@@ -144,6 +145,8 @@ def bench_plan(loaded, args, device, bw, keys) -> tuple[list[dict], dict]:
                 step = decode_step(v["planned"], 1, args.context, vocab, device)
                 out["profile"][v["name"]] = profile_step(step, device)
     checks = out["checks"] = []
+    # random weights: an FP8 / block-format plan moves the logits by ~15% (top-1 kept), bf16 by ~2%
+    tol = args.tol if args.tol is not None else (0.05 if plan_weight_bytes(plan) >= 2 else 0.25)
     for b in args.batch:
         first = None
         for v in variants:
@@ -154,7 +157,7 @@ def bench_plan(loaded, args, device, bw, keys) -> tuple[list[dict], dict]:
             rel = ((got - ref[b]).norm() / ref[b].norm()).item()
             checks.append(dict(batch=b, variant=v["name"], finite=bool(torch.isfinite(got).all()),
                                max_abs_vs_first=(got - first).abs().max().item(),
-                               max_abs_vs_unplanned=(got - ref[b]).abs().max().item(), rel_vs_unplanned=rel,
+                               max_abs_vs_unplanned=(got - ref[b]).abs().max().item(), rel_vs_unplanned=rel, tol=tol,
                                top1_vs_unplanned=(got.argmax(-1) == ref[b].argmax(-1)).float().mean().item(),
                                caches_kept=cache_ptrs(v["model"]) == v["ptrs"]))
     variants.clear()
@@ -193,7 +196,9 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--tol", type=float, default=0.05, help="largest relative logit error vs the unplanned model")
+    ap.add_argument("--tol", type=float, default=None,
+                    help="largest relative logit error vs the unplanned model (default 0.05 for bf16 plans, "
+                         "0.25 for plans with FP8 or block-format linears)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of each variant at batch 1")
     ap.add_argument("--smoke", action="store_true",
                     help="the CPU configuration: " + ", ".join(f"{k} {v}" for k, v in SMOKE.items()))
@@ -241,7 +246,7 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=2, default=str)
     print(f"wrote {args.out}")
     bad = [c for p in result["plans"] for c in p["checks"]
-           if not (c["finite"] and c["caches_kept"] and c["rel_vs_unplanned"] <= args.tol)]
+           if not (c["finite"] and c["caches_kept"] and c["rel_vs_unplanned"] <= c["tol"])]
     for c in bad:
         print(f"bench_variants: check failed: {c}", file=sys.stderr)
     return 1 if bad else 0

@@ -19,7 +19,7 @@
 #   next   (the session after 2026-12-07's third) call 1 of 2: the GPU tests of what changed
 #          since the last H100 run, the attention/sampling kernels (the tiled merge against
 #          one split a step), and A/B of the switches on the FP8 and the tuned bf16 plans;
-#          the PDL switches that won (benchmarks/choose_variant.py) go to /tmp/planlang_choice.env,
+#          the switches that won (benchmarks/choose_variant.py) go to /tmp/planlang_choice.env,
 #          which call 2, STAGE=final on the same warm machine, sources (CHOICE=0: not)
 # The final bench takes about 7 minutes (torchao's compile is the slow part): give it
 # T_BENCH=480 and the other steps less, or drop torchao from --against. bench measures the
@@ -59,16 +59,17 @@ next)
     > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/gpu_tests.log"
   timeout ${T_KB:-70} python3 benchmarks/bench_kernels_b.py --quick --out "$OUT/kernels_b.json" > "$OUT/kernels_b.txt" 2>&1
   timeout ${T_VAR:-130} python3 benchmarks/bench_variants.py plans/h100_fp8_decode.yaml --variant base: \
-    --variant pdl:PLANLANG_PDL=1 --variant pdlpf:PLANLANG_PDL=1,PLANLANG_PDL_PREFETCH=1 \
+    --variant nopdl:PLANLANG_PDL=0 \
     ${FP8_EXTRA:-} --batch 1 --rounds 5 --reps 30 --profile \
     --out "$OUT/variants_fp8.json" > "$OUT/variants_fp8.txt" 2>&1; echo "rc=$?" >> "$OUT/variants_fp8.txt"
   timeout ${T_VAR2:-160} python3 benchmarks/bench_variants.py plans/tuned_h100.yaml --variant base: \
-    --variant pdl:PLANLANG_PDL=1 --variant pdlpf:PLANLANG_PDL=1,PLANLANG_PDL_PREFETCH=1 \
+    --variant nopdl:PLANLANG_PDL=0 \
     ${BF16_EXTRA:-} --batch 1 --batch 16 --rounds 5 --reps 30 --profile \
     --out "$OUT/variants_bf16.json" > "$OUT/variants_bf16.txt" 2>&1; echo "rc=$?" >> "$OUT/variants_bf16.txt"
   cp "$OUT/variants_fp8.txt" "$OUT/variants_bf16.txt" "$OUT_STAGE/" 2>/dev/null
-  # the PDL switches that won on this machine, for STAGE=final's call on the same warm machine
-  python3 benchmarks/choose_variant.py "$OUT/variants_fp8.json" "$OUT/variants_bf16.json" --only pdl,pdlpf \
+  # the switches that won on this machine (FP8_EXTRA / BF16_EXTRA add variants), for
+  # STAGE=final's call on the same warm machine
+  python3 benchmarks/choose_variant.py "$OUT/variants_fp8.json" "$OUT/variants_bf16.json" \
     > /tmp/planlang_choice.env 2> "$OUT/choice.txt"; cat /tmp/planlang_choice.env >> "$OUT/choice.txt"
   cp "$OUT/choice.txt" "$OUT_STAGE/" 2>/dev/null; cat "$OUT/choice.txt"
   tail -n 4 "$OUT/gpu_tests.log"; tail -n 25 "$OUT/kernels_b.txt"; tail -n 30 "$OUT"/variants_*.txt
@@ -130,7 +131,7 @@ final)
       > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/gpu_tests.log"
   fi
   best=plans/h100_decode.yaml; [ -f plans/tuned_h100.yaml ] && best=plans/tuned_h100.yaml
-  # STAGE=next's choice of PDL switches on this (still warm) machine, unless CHOICE=0
+  # STAGE=next's choice of switches on this (still warm) machine, unless CHOICE=0
   if [ "${CHOICE:-1}" != 0 ] && [ -f /tmp/planlang_choice.env ]; then
     . /tmp/planlang_choice.env; { echo "switches from STAGE=next:"; cat /tmp/planlang_choice.env; } >> "$OUT/env.txt"
   fi

@@ -547,7 +547,7 @@ def cmd_bench(args) -> int:
     rows.extend(prefill_rows)
     result = {"model": lm.source, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "triton": _triton_version(), "context": context,
-              "copy_bandwidth_gbs": bw, "catalog_bandwidth_gbs": target.memory_bandwidth_gbs if target else None,
+              "pdl": _pdl_line(device), "copy_bandwidth_gbs": bw, "catalog_bandwidth_gbs": target.memory_bandwidth_gbs if target else None,
               "launch_us": launch_us, "tflops": (target.tflops.get("bf16") if target else None) or 100.0,
               "gemv_models": {("fp8" if k == 1.0 else "bf16"): {"kernel_us": v[0], "stream_gbs": v[1]}
                               for k, v in gemv_models.items()}, "rows": [r.__dict__ for r in rows], "notes": notes, "profile": profiles,
@@ -722,6 +722,16 @@ def _triton_version():
         return None
 
 
+def _pdl_line(device) -> str:
+    """Whether the kernels launch with PDL here and why: the one runtime switch that moves
+    the timings (PLANLANG_PDL), so every result records it."""
+    from planlang.runtime.kernels.backend import pdl_status
+    try:
+        return pdl_status(device)[1]
+    except ValueError as exc:  # a bad PLANLANG_PDL value: bench fails on it later, with the hint
+        return str(exc)
+
+
 def _print_bench(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -729,7 +739,8 @@ def _print_bench(r: dict) -> None:
     con.print(f"[bold]planlang bench[/bold] {r['model']} on {r['device']} (torch {r['torch']}, triton {r['triton']}), "
               f"decode at context {r['context']}; copy bandwidth {r['copy_bandwidth_gbs']:.0f} GB/s measured"
               + (f", {r['catalog_bandwidth_gbs']:.0f} GB/s catalog" if r['catalog_bandwidth_gbs'] else "")
-              + f"; per-kernel cost in a graph {r['launch_us']:.2f} us")
+              + f"; per-kernel cost in a graph {r['launch_us']:.2f} us"
+              + (f"; {r['pdl']}" if r.get("pdl") else ""))
     for kind, m in (r.get("gemv_models") or {}).items():
         con.print(f"  {kind} GEMVs in a graph (the roofline's figures): {m['kernel_us']:.2f} us a kernel, "
                   f"weights streamed at {m['stream_gbs']:.0f} GB/s")

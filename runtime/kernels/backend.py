@@ -57,12 +57,15 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 
 # PLANLANG_PDL=1 turns PDL on (where the device and Triton support it), 0 off; unset: the
-# default below. Off, as measured on an H100 (torch 2.11+cu130, triton 3.6): chains of these
-# kernels in one CUDA graph ran 7-15% faster with PDL (benchmarks/bench_pdl.py), but
-# `planlang bench` of llama-1b did not: bf16 batch 1 1.124 -> 1.130 ms, fp8 batch 1
-# 0.912 -> 0.939 ms, fp8 batch 16 1.234 -> 1.334 ms.
+# default below. On, as measured on an H100 (torch 2.11+cu130, triton 3.6, 2026-12-08):
+# benchmarks/bench_variants.py, both settings alive in one process, 5 interleaved rounds,
+# spread under 0.6%: llama-1b decode, FP8 plan batch 1 0.801 -> 0.750 ms (0.937x), tuned
+# bf16 plan batch 1 1.087 -> 1.044 ms (0.960x), batch 16 1.378 -> 1.344 ms (0.976x), outputs
+# bit-identical. (Earlier single-run A/Bs, one plan after the other, were within noise.)
+# Prefetching each GEMV's whole weight slice into L2 before the wait (prefetch.global.L2)
+# was slower in the same run: 1.07x (FP8) and 1.10x (bf16) at batch 1.
 PDL_ENV = "PLANLANG_PDL"
-PDL_DEFAULT = False
+PDL_DEFAULT = True
 _ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
 
 
@@ -153,40 +156,6 @@ def gdc_functions():
         def _no_launch():
             pass
         return _no_wait, _no_launch
-
-
-# PLANLANG_PDL_PREFETCH=1 (with PDL on): a GEMV that waits for the kernel before it first
-# issues L2 prefetches for its whole weight slice (`l2_prefetch`), so HBM streams this
-# kernel's weights while the previous one drains, not only its first tile. Off by default
-# until measured (benchmarks/bench_variants.py, variant pdlpf).
-PREFETCH_ENV = "PLANLANG_PDL_PREFETCH"
-
-
-def prefetch_launch(device: torch.device | str, elem_size: int) -> dict:
-    """The `PF_LINE` constexpr of a GEMV: elements per 128-byte line of a weight of
-    `elem_size` bytes when kernels on `device` launch with PDL and PLANLANG_PDL_PREFETCH is
-    on, else 0 (no prefetch)."""
-    on = env_switch(PREFETCH_ENV, False, "off") and pdl_enabled(device)
-    return {"PF_LINE": max(1, 128 // elem_size) if on else 0}
-
-
-@functools.lru_cache(maxsize=None)
-def prefetch_function():
-    """`l2_prefetch(rows, k_lo, k_hi, LINE)` for use inside kernels: a `prefetch.global.L2`
-    of one address per LINE elements of columns [k_lo, k_hi) of every row (rows: a [R, 1]
-    tensor of row pointers, all valid). PTX inline assembly: CUDA only, never under the
-    interpreter (`prefetch_launch` gives PF_LINE 0 there)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def l2_prefetch(rows, k_lo, k_hi, LINE: tl.constexpr):
-        LINES: tl.constexpr = 32
-        for k0 in range(k_lo, k_hi, LINE * LINES):
-            cols = tl.minimum(k0 + tl.arange(0, LINES) * LINE, k_hi - 1)
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                                      [rows + cols[None, :]], dtype=tl.int32, is_pure=False, pack=1)
-    return l2_prefetch
 
 
 def register_op(name: str, fn, fake, mutates_args=()):

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import gdc_functions, interpreter_on, pdl_launch, prefetch_function, prefetch_launch, register_op, use_triton
+from .backend import gdc_functions, interpreter_on, pdl_launch, register_op, use_triton
 from .qkv import NORM_MIN_ROWS, k_per_split
 from .rmsnorm_residual import NormPrologue, prologue_args
 from .swiglu import ACTS, _act_code
@@ -70,7 +70,6 @@ try:  # the module must import without triton; then only the reference runs
     from .swiglu import _act_fp32
     from .rmsnorm_residual import norm_prologue_rstd, norm_prologue_tile
     gdc_wait, gdc_launch_dependents = gdc_functions()
-    l2_prefetch = prefetch_function()
 except Exception:  # ImportError, or a broken install raising anything
     triton = None
 
@@ -403,15 +402,13 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr,
         FAST_CVT: tl.constexpr, E5M2: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-        PF_LINE: tl.constexpr = 0,
     ):
         """out[n] = scale * (Wq[n] . x) for one row x and this program's BLOCK_N outputs, on
         CUDA cores: [BLOCK_N, BLOCK_K] fp8 tiles of whole rows, upcast to fp32, multiplied by
         x into fp32 partials that are reduced over K once, at the end. ACT >= 0: the rows n
         (gate) and N + n (up) both, act(gate) * up stored. Block scales here (block sizes
         that fit no tile, see `_fp8_gemv_block_kernel`) are gathered per element. The first
-        weight tiles are loaded first: with USE_PDL while waiting for the kernel that writes x
-        (and, PF_LINE > 0, with the rest of the weight slice prefetched into L2 meanwhile).
+        weight tiles are loaded first: with USE_PDL while waiting for the kernel that writes x.
         NORM (SPLIT_K == 1, X_SCALE == 0 only): x is the input of an RMSNorm that the kernel
         computes itself (`rmsnorm_residual.norm_prologue_tile`, as in qkv._gemv_kernel)."""
         pid_n = tl.program_id(0)
@@ -434,12 +431,6 @@ if triton is not None:
         if GATE_UP:
             wu = tl.load(w_up + offs_k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
         if USE_PDL:
-            if PF_LINE > 0:
-                pf_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn
-                pf_hi = tl.minimum(k_lo + k_per_split, K)
-                l2_prefetch(pf_rows, k_lo + BLOCK_K, pf_hi, PF_LINE)
-                if GATE_UP:
-                    l2_prefetch(pf_rows + N * stride_wn, k_lo + BLOCK_K, pf_hi, PF_LINE)
             gdc_wait()
             gdc_launch_dependents()
         s_cols = tl.where(pid_n == 0, K, 0)  # the first column block stores s
@@ -1026,8 +1017,7 @@ def _launch_gemv(x1: Tensor, xs: Tensor, x_scale: int, wq: Tensor, w_scale: Tens
         _fp8_gemv_block_kernel[grid](*ptrs, *sizes, NB=block_k // sub, SUB=sub, **common)
     else:
         norm_ptrs, norm_scalars, flags = prologue_args(norm, x1)
-        _fp8_gemv_kernel[grid](*ptrs, *norm_ptrs, *sizes, *norm_scalars, BLOCK_K=block_k, **flags, **common,
-                               **prefetch_launch(x1.device, wq.element_size()))
+        _fp8_gemv_kernel[grid](*ptrs, *norm_ptrs, *sizes, *norm_scalars, BLOCK_K=block_k, **flags, **common)
     if split_k > 1 and not fused:
         _launch_reduce(part, bias, act, out.view(1, -1), split_k)
 

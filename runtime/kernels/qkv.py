@@ -28,14 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import gdc_functions, interpreter_on, pdl_launch, prefetch_function, prefetch_launch, use_triton, register_op
+from .backend import gdc_functions, interpreter_on, pdl_launch, use_triton, register_op
 from .rmsnorm_residual import NormPrologue, prologue_args
 
 try:  # the module must import without triton; then only the reference runs
     import triton
     import triton.language as tl
     gdc_wait, gdc_launch_dependents = gdc_functions()
-    l2_prefetch = prefetch_function()
     from .rmsnorm_residual import norm_prologue_rstd, norm_prologue_tile
 except Exception:  # ImportError, or a broken install raising anything
     triton = None
@@ -143,7 +142,6 @@ if triton is not None:
         N, K, stride_wn, stride_split, k_per_split, eps, offset,
         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-        PF_LINE: tl.constexpr = 0,
     ):
         """out[n-block] = w[n-block] @ x for ONE row x, on CUDA cores: tl.dot needs 16 rows,
         which would pad 15 of them and route the weight through shared memory. The weight
@@ -154,8 +152,7 @@ if triton is not None:
         is stored to s by the first column block) and the GEMV computes `rmsnorm(x) @ w.T`
         from it (`rmsnorm_residual.norm_prologue_tile`), so the norm needs no kernel of its own.
         The first weight tile is loaded before anything else: with USE_PDL that load is in
-        flight while the program waits for the kernel that writes x; PF_LINE > 0 (with
-        USE_PDL) also prefetches the rest of the program's weight slice into L2 then."""
+        flight while the program waits for the kernel that writes x."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -168,9 +165,6 @@ if triton is not None:
         wt = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                      eviction_policy="evict_first")
         if USE_PDL:
-            if PF_LINE > 0:
-                l2_prefetch(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn,
-                            k_lo + BLOCK_K, tl.minimum(k_lo + k_per_split, K), PF_LINE)
             gdc_wait()
             gdc_launch_dependents()
         xk, sq = norm_prologue_tile(x_ptr, r_ptr, g_ptr, s_ptr, offs_k, k_mask, offset, s_cols, NORM, HAS_RES)
@@ -408,8 +402,7 @@ def gemv_triton(
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
     pdl = pdl_launch(x.device)
     ptrs, scalars, flags = prologue_args(norm, x1)
-    common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps, **pdl,
-                  **prefetch_launch(x.device, w.element_size()))
+    common = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps, **pdl)
     if cfg.split_k == 1:
         _gemv_kernel[grid](x1, w, b, out, *ptrs, n, k, w.stride(0), 0, kps, *scalars, HAS_BIAS=bias is not None,
                            SPLIT_K=1, **flags, **common)

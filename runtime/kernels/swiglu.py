@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import gdc_functions, pdl_launch, prefetch_function, prefetch_launch, use_triton, register_op
+from .backend import gdc_functions, pdl_launch, use_triton, register_op
 from .rmsnorm_residual import NormPrologue, prologue_args
 from .qkv import (SKINNY_MAX_M, SKINNY_TUNED, GemvConfig, SkinnyConfig, dot_needs_upcast, gemv_config,
                   k_per_split, norm_gemv_config, skinny_config)
@@ -39,7 +39,6 @@ try:  # the module must import without triton; then only the reference runs
     import triton
     import triton.language as tl
     gdc_wait, gdc_launch_dependents = gdc_functions()
-    l2_prefetch = prefetch_function()
     from .rmsnorm_residual import norm_prologue_rstd, norm_prologue_tile
 except Exception:  # ImportError, or a broken install raising anything
     triton = None
@@ -186,7 +185,6 @@ if triton is not None:
         F_, K, stride_wn, stride_split, k_per_split, eps, offset,
         ACT: tl.constexpr, SPLIT_K: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-        PF_LINE: tl.constexpr = 0,
     ):
         """The one-row case on CUDA cores (see qkv._gemv_kernel): gate = W1[n] @ x and up =
         W3[n] @ x for this program's BLOCK_N columns, each from [BLOCK_N, BLOCK_K] tiles of
@@ -194,8 +192,7 @@ if triton is not None:
         up. Otherwise store the fp32 partials [gate | up] in out[pid_k] for `_act_mul_kernel`.
         NORM (SPLIT_K == 1 only): x is the input of an RMSNorm, computed here as in
         qkv._gemv_kernel. The first gate and up tiles are loaded first: with USE_PDL while
-        the program waits for the kernel that writes x; PF_LINE > 0 (with USE_PDL) also
-        prefetches the rest of both weight slices into L2 then."""
+        the program waits for the kernel that writes x."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -210,11 +207,6 @@ if triton is not None:
         wg = tl.load(w_gate + offs_k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
         wu = tl.load(w_up + offs_k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
         if USE_PDL:
-            if PF_LINE > 0:
-                pf_rows = w_ptr + tl.minimum(offs_n, F_ - 1).to(tl.int64)[:, None] * stride_wn
-                pf_hi = tl.minimum(k_lo + k_per_split, K)
-                l2_prefetch(pf_rows, k_lo + BLOCK_K, pf_hi, PF_LINE)
-                l2_prefetch(pf_rows + F_ * stride_wn, k_lo + BLOCK_K, pf_hi, PF_LINE)
             gdc_wait()
             gdc_launch_dependents()
         xk, sq = norm_prologue_tile(x_ptr, r_ptr, g_ptr, s_ptr, offs_k, k_mask, offset, s_cols, NORM, HAS_RES)
@@ -330,8 +322,7 @@ def swiglu_gemv_triton(
     grid = (triton.cdiv(f, cfg.block_n), cfg.split_k)
     ptrs, scalars, flags = prologue_args(norm, x1)
     common = dict(ACT=code, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages,
-                  num_warps=cfg.num_warps, **flags, **pdl_launch(x.device),
-                  **prefetch_launch(x.device, w13.element_size()))
+                  num_warps=cfg.num_warps, **flags, **pdl_launch(x.device))
     if cfg.split_k == 1:
         _gate_up_gemv_kernel[grid](x1, w13, out, *ptrs, f, k, w13.stride(0), 0, kps, *scalars, SPLIT_K=1, **common)
     else:

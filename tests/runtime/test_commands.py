@@ -240,3 +240,8 @@ def test_bench_text_table_has_the_catalog_floor_and_peak_memory_columns(capsys):
                               "--against", "eager", "--eval-tokens", "0"], capsys)
     assert code == 0, err
     assert "catalog floor ms" in out and "peak MiB" in out
+
+
+def test_bench_records_whether_kernels_launch_with_pdl(bench_two_plans):
+    r, _ = bench_two_plans
+    assert r["pdl"] == "PDL needs a CUDA device, not 'cpu'"  # the switch's state, with its reason

@@ -484,20 +484,6 @@ def test_pdl_is_off_on_the_cpu_and_under_the_interpreter(monkeypatch):
     assert not backend_mod.pdl_enabled("cuda")
 
 
-def test_l2_prefetch_needs_pdl_and_is_off_by_default(monkeypatch):
-    monkeypatch.setenv(backend_mod.PDL_ENV, "1")
-    monkeypatch.setenv(backend_mod.PREFETCH_ENV, "1")
-    assert backend_mod.prefetch_launch("cpu", 2) == {"PF_LINE": 0}  # no PDL on the CPU
-    monkeypatch.setattr(backend_mod, "pdl_enabled", lambda device: True)
-    assert backend_mod.prefetch_launch("cuda", 2) == {"PF_LINE": 64}  # one address per 128-byte line
-    assert backend_mod.prefetch_launch("cuda", 1) == {"PF_LINE": 128}
-    monkeypatch.delenv(backend_mod.PREFETCH_ENV)
-    assert backend_mod.prefetch_launch("cuda", 2) == {"PF_LINE": 0}
-    monkeypatch.setenv(backend_mod.PREFETCH_ENV, "sometimes")
-    with pytest.raises(ValueError, match="PLANLANG_PDL_PREFETCH='sometimes': expected 0 or 1"):
-        backend_mod.prefetch_launch("cuda", 2)
-
-
 # Compiles every PDL kernel of qkv, swiglu, rmsnorm_residual and fp8_linear for sm_90 (no GPU
 # needed: Triton's compiler and ptxas run on the CPU) from the launches their launchers make,
 # with USE_PDL set, and reports per kernel where griddepcontrol.wait falls in the PTX.
@@ -517,8 +503,6 @@ TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", t
 
 def ptx(fn, args, kwargs):
     values = {**dict(zip(fn.arg_names, args)), **kwargs, "USE_PDL": True}
-    if "PF_LINE" in fn.arg_names:
-        values["PF_LINE"] = 16  # PLANLANG_PDL_PREFETCH=1: the L2 prefetch of the weight slice
     sig, consts = {}, {}
     for p in fn.params:
         v = values[p.name] if p.name in values else p.default  # constexprs left at their defaults
@@ -559,8 +543,7 @@ for fn, args, kwargs in launches:
         "wait": wait < len(lines),
         "launch_dependents": any(l.startswith("griddepcontrol.launch_dependents") for l in lines),
         "writes_before_wait": sum(any(op in l for op in ("st.global", "atom.", "red.")) for l in lines[:wait]),
-        "loads_before_wait": sum("ld.global" in l for l in lines[:wait]),
-        "l2_prefetch_before_wait": sum("prefetch.global.L2" in l for l in lines[:wait])}
+        "loads_before_wait": sum("ld.global" in l for l in lines[:wait])}
 print(json.dumps(report))
 '''
 PDL_KERNELS = {"_gemv_kernel", "_splitk_reduce_kernel", "_skinny_gemm_kernel", "_gate_up_gemv_kernel",
@@ -569,8 +552,6 @@ PDL_KERNELS = {"_gemv_kernel", "_splitk_reduce_kernel", "_skinny_gemm_kernel", "
                "_quantize_rows_kernel", "_quantize_blocks_kernel", "_rope_kvcache_kernel", "_decode_split_kernel"}
 # These load their weight tiles (constant data) before the wait: the overlap PDL buys.
 PREFETCHING = {"_gemv_kernel", "_gate_up_gemv_kernel", "_fp8_gemv_kernel", "_rmsnorm_rows_kernel"}
-# These also prefetch the rest of their weight slice into L2 before the wait (PF_LINE > 0).
-L2_PREFETCHING = {"_gemv_kernel", "_gate_up_gemv_kernel", "_fp8_gemv_kernel"}
 
 
 @needs_triton
@@ -592,7 +573,6 @@ def test_pdl_kernels_wait_before_their_first_write_in_the_sm90_code():
         assert facts["wait"] and facts["launch_dependents"], (name, facts)
         assert facts["writes_before_wait"] == 0, (name, facts)
         assert (facts["loads_before_wait"] > 0) == (name in PREFETCHING), (name, facts)
-        assert (facts["l2_prefetch_before_wait"] > 0) == (name in L2_PREFETCHING), (name, facts)
 
 
 def _decode_chain(layers, x, r, split: bool):
@@ -617,11 +597,9 @@ def _decode_chain(layers, x, r, split: bool):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("prefetch", ["0", "1"])
 @pytest.mark.parametrize("split", [False, True])
-def test_gpu_pdl_chain_in_a_cuda_graph_equals_the_chain_without_pdl(monkeypatch, split, prefetch):
+def test_gpu_pdl_chain_in_a_cuda_graph_equals_the_chain_without_pdl(monkeypatch, split):
     monkeypatch.setenv(backend_mod.PDL_ENV, "1")
-    monkeypatch.setenv(backend_mod.PREFETCH_ENV, prefetch)
     on, why = backend_mod.pdl_status("cuda")
     if not on:
         pytest.skip(why)
