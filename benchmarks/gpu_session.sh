@@ -144,7 +144,7 @@ final)
   if [ "${T_KB:-60}" -gt 0 ]; then  # T_KB=0: skip (STAGE=next measured the kernels)
     timeout ${T_KB:-60} python3 benchmarks/bench_kernels_b.py --quick --out "$OUT/kernels_b.json" > "$OUT/kernels_b.txt" 2>&1
   fi
-  cat "$OUT/bench_final.txt" "$OUT/bench_buckets.txt"; tail -n 30 "$OUT/kernels_b.txt" 2>/dev/null
+  cat "$OUT/bench_final.txt" "$OUT/bench_buckets.txt"; tail -n 30 "$OUT/kernels_b.txt" 2>/dev/null || true
   ;;
 tune)
   # the kernel sweeps first (they set defaults), then the tune itself

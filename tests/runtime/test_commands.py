@@ -245,3 +245,18 @@ def test_bench_text_table_has_the_catalog_floor_and_peak_memory_columns(capsys):
 def test_bench_records_whether_kernels_launch_with_pdl(bench_two_plans):
     r, _ = bench_two_plans
     assert r["pdl"] == "PDL needs a CUDA device, not 'cpu'"  # the switch's state, with its reason
+
+
+def test_prediction_streams_weights_slower_above_one_row():
+    from planlang.runtime.models.registry import build_builtin
+    from planlang.runtime.predict import SKINNY_STREAM, predict_decode
+    cfg = build_builtin("llama-tiny").config
+    every = {"rmsnorm_residual", "qkv", "swiglu", "rope_kvcache", "attention"}
+    one, two = (predict_decode(cfg, every, 2.0, b, 128, 3000.0, 500.0, 0.0, True, weight_bandwidth_gbs=2000.0)
+                for b in (1, 2))
+    weights = one.bytes - 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 128 * 2 \
+        - cfg.n_layers * (8 * cfg.dim + 4 * cfg.ffn_dim) * 2
+    extra = (two.bytes - weights) - (one.bytes - weights)  # the second row's cache and activations
+    want = weights / (2000e9 * SKINNY_STREAM) + (two.bytes - weights) / 3000e9
+    assert 0 < SKINNY_STREAM < 1 and extra > 0
+    assert two.ms == pytest.approx(want * 1e3, rel=1e-9)
