@@ -16,6 +16,9 @@
 #          `planlang tune builtin:llama-1b --budget 5 --max-error 0.1` (issue 12)
 #   precision  the FP8/format/KV-cache GPU tests and the accuracy of every number format
 #          on llama-tiny-trained with the real FP8 kernels (benchmarks/accuracy_formats.py)
+#   close  (the session after 2026-12-08) what the open issues still need: graph-replay and
+#          FP8 KV-cache GPU tests, every kernel's GPU tests (-v, names in the log), and the
+#          attention/sampling kernel benchmark, which prints each case as it lands
 #   next   (the session after 2026-12-07's third) call 1 of 2: the GPU tests of what changed
 #          since the last H100 run, the attention/sampling kernels (the tiled merge against
 #          one split a step), and A/B of the switches on the FP8 and the tuned bf16 plans;
@@ -73,6 +76,18 @@ next)
     > /tmp/planlang_choice.env 2> "$OUT/choice.txt"; cat /tmp/planlang_choice.env >> "$OUT/choice.txt"
   cp "$OUT/choice.txt" "$OUT_STAGE/" 2>/dev/null; cat "$OUT/choice.txt"
   tail -n 4 "$OUT/gpu_tests.log"; tail -n 25 "$OUT/kernels_b.txt"; tail -n 30 "$OUT"/variants_*.txt
+  ;;
+close)
+  # what the open issues still need from a GPU (after 2026-12-08): the graph-replay tests
+  # (built-in and Hugging Face models) and the FP8 KV-cache graph test on the current code
+  # (issue 9), every kernel's GPU tests and the attention / sampling benchmark (issue 3)
+  timeout ${T_TESTS:-260} python3 -m pytest -q -m gpu -p no:cacheprovider -rfs \
+    tests/runtime/test_graph_replay.py tests/runtime/test_kv_cache_fp8.py tests/runtime/test_kernels_attention.py \
+    tests/runtime/test_kernels_sampling.py tests/runtime/test_kernels_rope_attention.py tests/runtime/test_kernels_rope.py \
+    tests/runtime/test_kernels_fp8.py tests/runtime/test_kernels_norm_mlp.py tests/runtime/test_kernels_norm_gemm.py \
+    -v > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/gpu_tests.log"
+  timeout ${T_KB:-200} python3 benchmarks/bench_kernels_b.py --quick --out "$OUT/kernels_b.json" > "$OUT/kernels_b.txt" 2>&1
+  tail -n 15 "$OUT/gpu_tests.log"; tail -n 40 "$OUT/kernels_b.txt"
   ;;
 check)
   timeout ${T_TESTS:-240} python3 -m pytest -q -m gpu tests/runtime -p no:cacheprovider -rfs > "$OUT/gpu_tests.log" 2>&1
