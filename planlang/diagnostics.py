@@ -39,6 +39,7 @@ CODES: dict[str, tuple[str, str]] = {
     "PL207": ("error", "does not fit the target's memory"),
     "PL208": ("warning", "Triton kernels unavailable on target: reference path runs"),
     "PL209": ("error", "tensor parallelism needs a CUDA target or the CPU"),
+    "PL210": ("error", "pdl: on needs a target of sm_90 or newer"),
     # PL3xx: consistency
     "PL301": ("error", "same fusion kind twice over overlapping selectors"),
     "PL302": ("warning", "rule never wins"),

@@ -48,6 +48,9 @@ def explain_plan(plan: Plan, target: Optional[hardware.Target], target_how: str)
                        f"{g.warmup} warm-up runs before capture"]
     else:
         s["graphs"] = ["no capture: every step launches its kernels from Python"]
+    s["graphs"].append({"auto": "kernels launch with Programmatic Dependent Launch where the device has it (sm_90+)",
+                        "on": "kernels launch with Programmatic Dependent Launch (sm_90+)",
+                        "off": "no Programmatic Dependent Launch"}[g.pdl])
     c = plan.compile
     if c.mode == "none":
         s["compile"] = ["not compiled"]

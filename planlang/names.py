@@ -29,6 +29,7 @@ OP_KINDS = (
 MODES = ("inference", "training")
 CAPTURE_MODES = ("none", "cuda_graph")
 OVER_MAX = ("eager", "error")
+PDL_MODES = ("auto", "on", "off")  # graphs.pdl: Programmatic Dependent Launch (sm_90+)
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Compile modes in which torch.compile captures CUDA graphs itself.
 GRAPH_CAPTURING_COMPILE_MODES = ("reduce-overhead", "max-autotune")

@@ -111,6 +111,15 @@ class Graphs(Section):
     buckets_spec: Optional[str] = Field(default=None, exclude=True, repr=False)
     over_max: Literal[names.OVER_MAX] = "eager"  # type: ignore[valid-type]
     warmup: int = Field(default=3, ge=0)
+    pdl: Literal[names.PDL_MODES] = "auto"  # type: ignore[valid-type]
+
+    @field_validator("pdl", mode="before")
+    @classmethod
+    def _pdl_words(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `on` / `off` as true / false: take them as the words.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -314,7 +323,7 @@ def _document(model: BaseModel) -> Any:
         return out["kind"] if len(out) == 1 else out
     if isinstance(model, Graphs):
         out = {}
-        for key in ("capture", "buckets", "over_max", "warmup"):
+        for key in ("capture", "buckets", "over_max", "warmup", "pdl"):
             if key in model.model_fields_set:
                 out[key] = model.buckets_spec if key == "buckets" and model.buckets_spec else getattr(model, key)
         return out

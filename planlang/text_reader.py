@@ -509,7 +509,8 @@ class _Builder:
             self._set(("graphs", "capture"), mode[0], t.children[0], t)
         for clause in _trees(t, "buckets_clause"):
             self._buckets(graphs, clause)
-        self._clauses(graphs, ("graphs",), t, {"over_max_clause": "over_max", "warmup_clause": "warmup"})
+        self._clauses(graphs, ("graphs",), t, {"over_max_clause": "over_max", "warmup_clause": "warmup",
+                                                "pdl_clause": "pdl"})
 
     def _buckets(self, graphs: dict, clause: Tree) -> None:
         keyword = clause.children[0]

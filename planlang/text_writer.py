@@ -198,13 +198,16 @@ def _option_value(v: Any) -> str:
 def _graphs(graphs: Any) -> list[str]:
     if graphs is None:
         return []
-    _known(graphs, ("capture", "buckets", "over_max", "warmup"), "graphs")
+    _known(graphs, ("capture", "buckets", "over_max", "warmup", "pdl"), "graphs")
     line = "capture"
     if _present(graphs, "capture"):
         line += f" {format_value(graphs['capture'])}"
     if _present(graphs, "buckets"):
         line += " buckets" + _buckets(graphs["buckets"])
     line += _clauses(graphs, ("over_max", "warmup"))
+    if _present(graphs, "pdl"):  # YAML reads a bare on / off as a boolean: write the word
+        pdl = graphs["pdl"]
+        line += f" pdl {('on' if pdl else 'off') if isinstance(pdl, bool) else format_value(pdl)}"
     return [line] if line != "capture" else []
 
 

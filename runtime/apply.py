@@ -30,7 +30,7 @@ from .kernels import rmsnorm_residual as _norm_ops  # noqa: F401
 from .kernels import rope_kvcache as _rope_ops  # noqa: F401
 from .kernels import sampling as _sampling_ops  # noqa: F401
 from .kernels import swiglu as _swiglu_ops  # noqa: F401
-from .kernels.backend import triton_available
+from .kernels.backend import pdl_mode, pdl_status, pdl_support, triton_available
 from .passes.fusions import PASSES, FusedWeights, Site, _all_passes, explain_misses
 
 PASSES.update(_all_passes())
@@ -117,7 +117,8 @@ class PlannedModel(nn.Module):
         self.sampling = sampling
 
     def forward(self, *args, **kwargs):
-        return self._forward(*args, **kwargs)
+        with pdl_mode(self.plan.graphs.pdl):  # graphs.pdl for kernels launched eagerly or captured now
+            return self._forward(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -287,13 +288,26 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
           max_seq_len: Optional[int] = None) -> PlannedModel:
     """Apply `plan` to `model`; returns the planned model, whose `.report` lists every
     rule's places and kernels. Raises ApplyError, before changing the model, when a
-    required rule matches nothing."""
+    required rule matches nothing. Kernels compiled or captured here, and every call of
+    the planned model, launch as `graphs.pdl` says."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    with pdl_mode(plan.graphs.pdl):
+        return _apply(model, plan, example_inputs, source, device, max_batch, max_seq_len)
+
+
+def _apply(model, plan, example_inputs, source, device, max_batch, max_seq_len) -> PlannedModel:
     ok, why = triton_available(device)
     report = Report(plan=plan.name or "plan", device=str(device),
                     backend="triton" if ok else f"PyTorch reference (no Triton for {device.type})")
 
     found, diags = resolve_rules(model, plan, source)
+    if plan.graphs.pdl == "on":
+        can, reason = pdl_support(device)
+        if not can:
+            diags.append(at(source, ("graphs", "pdl"), "PL210", f"pdl: on cannot be honoured on {device}: {reason}",
+                            hint="use pdl: auto (PDL wherever the device has it), or run on an sm_90+ GPU"))
+    if device.type == "cuda":
+        report.notes.append(f"kernels: {pdl_status(device)[1]}")
     pmap = PrecisionMap(model, plan)
     for i, msg, hint in check_device(pmap, device):
         diags.append(at(source, rule_path(plan, i), "PL201", msg, hint=hint))

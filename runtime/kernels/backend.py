@@ -16,6 +16,8 @@ torch's own) are launched as usual and order the stream fully.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
@@ -83,8 +85,27 @@ def env_switch(name: str, default: bool, default_means: str) -> bool:
     return default
 
 
+# A plan's `graphs.pdl` while its model is applied and run (`pdl_mode`): True (on), False
+# (off) or None (auto: the default above).
+_PLAN_PDL: contextvars.ContextVar = contextvars.ContextVar("planlang_plan_pdl", default=None)
+
+
+@contextlib.contextmanager
+def pdl_mode(mode: str | None):
+    """Kernels launched inside follow a plan's `graphs.pdl`: "on" / "off" turn PDL on or off
+    (on only where the device supports it: `apply` refuses `on` elsewhere), "auto" or None
+    keep the default. PLANLANG_PDL, when set, overrides the plan (for A/B runs)."""
+    token = _PLAN_PDL.set({"on": True, "off": False}.get(mode or "auto"))
+    try:
+        yield
+    finally:
+        _PLAN_PDL.reset(token)
+
+
 def _pdl_setting() -> bool:
-    return env_switch(PDL_ENV, PDL_DEFAULT, f"{'on' if PDL_DEFAULT else 'off'} on sm_90+")
+    plan = _PLAN_PDL.get()
+    default = PDL_DEFAULT if plan is None else plan
+    return env_switch(PDL_ENV, default, f"{'on' if default else 'off'} on sm_90+")
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,19 +129,30 @@ def _pdl_support(index: int) -> tuple[bool, str]:
     return True, f"PDL on (sm_{major}{minor}, {why})"
 
 
-def pdl_status(device: torch.device | str) -> tuple[bool, str]:
-    """Whether kernels on `device` launch with PDL, and why (not). Raises ValueError for a
-    PLANLANG_PDL value other than 0 / 1 (or off / on, false / true, no / yes)."""
-    wanted = _pdl_setting()
+def pdl_support(device: torch.device | str) -> tuple[bool, str]:
+    """Whether `device` can launch kernels with PDL at all (whatever the settings), and why
+    (not): a CUDA device of sm_90+, a Triton with grid dependency control, CUDA 12.3+."""
     device = torch.device(device)
     if device.type != "cuda":
         return False, f"PDL needs a CUDA device, not {device.type!r}"
     if interpreter_on():
         return False, "Triton's interpreter runs the kernels"
-    if not wanted:
-        return False, f"PDL is off ({PDL_ENV}={os.environ[PDL_ENV]})" if os.environ.get(PDL_ENV, "").strip() \
-            else f"PDL is off by default ({PDL_ENV}=1 turns it on)"
     return _pdl_support(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_status(device: torch.device | str) -> tuple[bool, str]:
+    """Whether kernels on `device` launch with PDL, and why (not). Raises ValueError for a
+    PLANLANG_PDL value other than 0 / 1 (or off / on, false / true, no / yes)."""
+    wanted = _pdl_setting()
+    device = torch.device(device)
+    if device.type != "cuda" or interpreter_on():
+        return pdl_support(device)
+    if not wanted:
+        if os.environ.get(PDL_ENV, "").strip():
+            return False, f"PDL is off ({PDL_ENV}={os.environ[PDL_ENV]})"
+        return (False, "PDL is off (the plan's graphs.pdl: off)") if _PLAN_PDL.get() is False \
+            else (False, f"PDL is off by default ({PDL_ENV}=1 turns it on)")
+    return pdl_support(device)
 
 
 def pdl_enabled(device: torch.device | str) -> bool:

@@ -56,7 +56,8 @@ def _buckets():
 
 graphs = st.fixed_dictionaries({}, optional={
     "capture": st.sampled_from(names.CAPTURE_MODES), "buckets": _buckets(),
-    "over_max": st.sampled_from(names.OVER_MAX), "warmup": st.integers(0, 10)})
+    "over_max": st.sampled_from(names.OVER_MAX), "warmup": st.integers(0, 10),
+    "pdl": st.sampled_from(names.PDL_MODES)})
 compile_ = st.fixed_dictionaries({}, optional={
     "mode": st.sampled_from(names.COMPILE_MODES), "fullgraph": st.booleans(), "dynamic": st.booleans()})
 rule = st.fixed_dictionaries({"at": selector, "dtype": st.sampled_from(names.DTYPES)}, optional={
