@@ -85,6 +85,7 @@ close)
     tests/runtime/test_graph_replay.py tests/runtime/test_kv_cache_fp8.py tests/runtime/test_kernels_attention.py \
     tests/runtime/test_kernels_sampling.py tests/runtime/test_kernels_rope_attention.py tests/runtime/test_kernels_rope.py \
     tests/runtime/test_kernels_fp8.py tests/runtime/test_kernels_norm_mlp.py tests/runtime/test_kernels_norm_gemm.py \
+    tests/runtime/test_pdl_plan.py \
     -v > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/gpu_tests.log"
   timeout ${T_KB:-200} python3 benchmarks/bench_kernels_b.py --quick --out "$OUT/kernels_b.json" > "$OUT/kernels_b.txt" 2>&1
   tail -n 15 "$OUT/gpu_tests.log"; tail -n 40 "$OUT/kernels_b.txt"

@@ -80,3 +80,22 @@ def test_the_plan_text_round_trips_and_lint_refuses_on_for_an_a100(tmp_path):
     bad = tmp_path / "a.yaml"
     bad.write_text("planlang: 1\ntarget: a100-80gb\ngraphs: {pdl: on}\n")
     assert cli.main(["lint", str(bad)]) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_on_and_off_plans_replay_the_same_logits_and_say_which():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the GPU machine)")
+    if not backend.pdl_support("cuda")[0]:
+        pytest.skip(backend.pdl_support("cuda")[1])
+    outs, notes = {}, {}
+    for mode in ("on", "off"):
+        model = build_builtin("llama-tiny", device="cuda", dtype=torch.bfloat16)
+        planned = apply(model, plan_of(capture="cuda_graph", buckets=[1, 2], pdl=mode), max_batch=2, max_seq_len=64)
+        notes[mode] = [n for n in planned.report.notes if n.startswith("kernels: ")]
+        tok = torch.randint(0, model.config.vocab_size, (2, 1), generator=torch.Generator().manual_seed(0)).cuda()
+        with torch.no_grad():
+            outs[mode] = planned(tok, torch.tensor([3], device="cuda")).float().cpu()
+    assert notes["on"] == ["kernels: " + backend.pdl_support("cuda")[1]]
+    assert notes["off"] == ["kernels: PDL is off (the plan's graphs.pdl: off)"]
+    assert torch.equal(outs["on"], outs["off"])  # PDL orders launches; it never changes a result
