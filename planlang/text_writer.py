@@ -13,6 +13,7 @@ import math
 import re
 from typing import Any, Callable
 
+from . import names
 from .text_reader import keywords
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")   # the grammar's WORD
@@ -205,9 +206,11 @@ def _graphs(graphs: Any) -> list[str]:
     if _present(graphs, "buckets"):
         line += " buckets" + _buckets(graphs["buckets"])
     line += _clauses(graphs, ("over_max", "warmup"))
-    if _present(graphs, "pdl"):  # YAML reads a bare on / off as a boolean: write the word
+    if _present(graphs, "pdl"):  # a bare word (on is reserved elsewhere, not after pdl)
         pdl = graphs["pdl"]
-        line += f" pdl {('on' if pdl else 'off') if isinstance(pdl, bool) else format_value(pdl)}"
+        if isinstance(pdl, bool):  # YAML reads a bare on / off as a boolean
+            pdl = "on" if pdl else "off"
+        line += f" pdl {pdl if pdl in names.PDL_MODES else format_value(pdl)}"
     return [line] if line != "capture" else []
 
 

@@ -497,6 +497,7 @@ def cmd_bench(args) -> int:
         torch._dynamo.reset()
     # The plans before torchao, whose compile is the slowest part of a run: a run cut short
     # by a time limit has the plans' rows beside eager and compile.
+    pdl_lines: dict = {}  # per plan: whether its kernels launch with PDL (graphs.pdl, PLANLANG_PDL)
     for loaded in plans:
         plan = loaded.plan
         restore_caches(model)
@@ -515,6 +516,7 @@ def cmd_bench(args) -> int:
             return EXIT_ERRORS
         if plan.graphs.capture == "cuda_graph" and device.type != "cuda":
             notes.append(f"{plan.name}: CUDA graphs skipped on {device.type}")
+        pdl_lines[plan.name] = _pdl_line(device, plan.graphs.pdl)
         wb = plan_weight_bytes(plan)
         tf = (target.tflops.get("bf16") if target else None) or 100.0
         if device.type == "cuda" and wb not in gemv_models:
@@ -547,7 +549,7 @@ def cmd_bench(args) -> int:
     rows.extend(prefill_rows)
     result = {"model": lm.source, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "triton": _triton_version(), "context": context,
-              "pdl": _pdl_line(device), "copy_bandwidth_gbs": bw, "catalog_bandwidth_gbs": target.memory_bandwidth_gbs if target else None,
+              "pdl": pdl_lines, "copy_bandwidth_gbs": bw, "catalog_bandwidth_gbs": target.memory_bandwidth_gbs if target else None,
               "launch_us": launch_us, "tflops": (target.tflops.get("bf16") if target else None) or 100.0,
               "gemv_models": {("fp8" if k == 1.0 else "bf16"): {"kernel_us": v[0], "stream_gbs": v[1]}
                               for k, v in gemv_models.items()}, "rows": [r.__dict__ for r in rows], "notes": notes, "profile": profiles,
@@ -722,12 +724,14 @@ def _triton_version():
         return None
 
 
-def _pdl_line(device) -> str:
-    """Whether the kernels launch with PDL here and why: the one runtime switch that moves
-    the timings (PLANLANG_PDL), so every result records it."""
-    from planlang.runtime.kernels.backend import pdl_status
+def _pdl_line(device, mode: str = "auto") -> str:
+    """Whether a plan's kernels launch with PDL here (its `graphs.pdl`, or PLANLANG_PDL when
+    set) and why: a switch that moves the timings, so every result records it. The measured
+    GEMV and launch figures are taken with the default (auto)."""
+    from planlang.runtime.kernels.backend import pdl_mode, pdl_status
     try:
-        return pdl_status(device)[1]
+        with pdl_mode(mode):
+            return pdl_status(device)[1]
     except ValueError as exc:  # a bad PLANLANG_PDL value: bench fails on it later, with the hint
         return str(exc)
 
@@ -740,7 +744,7 @@ def _print_bench(r: dict) -> None:
               f"decode at context {r['context']}; copy bandwidth {r['copy_bandwidth_gbs']:.0f} GB/s measured"
               + (f", {r['catalog_bandwidth_gbs']:.0f} GB/s catalog" if r['catalog_bandwidth_gbs'] else "")
               + f"; per-kernel cost in a graph {r['launch_us']:.2f} us"
-              + (f"; {r['pdl']}" if r.get("pdl") else ""))
+              + "".join(f"; plan {name}: {line}" for name, line in (r.get("pdl") or {}).items()))
     for kind, m in (r.get("gemv_models") or {}).items():
         con.print(f"  {kind} GEMVs in a graph (the roofline's figures): {m['kernel_us']:.2f} us a kernel, "
                   f"weights streamed at {m['stream_gbs']:.0f} GB/s")

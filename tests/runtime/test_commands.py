@@ -244,7 +244,19 @@ def test_bench_text_table_has_the_catalog_floor_and_peak_memory_columns(capsys):
 
 def test_bench_records_whether_kernels_launch_with_pdl(bench_two_plans):
     r, _ = bench_two_plans
-    assert r["pdl"] == "PDL needs a CUDA device, not 'cpu'"  # the switch's state, with its reason
+    # each plan's state, with its reason
+    assert r["pdl"] == {"a": "PDL needs a CUDA device, not 'cpu'", "b": "PDL needs a CUDA device, not 'cpu'"}
+
+
+def test_the_pdl_line_follows_the_plans_setting(monkeypatch):
+    from planlang.runtime import commands
+    from planlang.runtime.kernels import backend
+    monkeypatch.delenv(backend.PDL_ENV, raising=False)
+    monkeypatch.setattr(backend, "pdl_support", lambda device: (True, "PDL on (test)"))
+    assert commands._pdl_line("cuda", "off") == "PDL is off (the plan's graphs.pdl: off)"
+    assert commands._pdl_line("cuda", "on") == "PDL on (test)"
+    assert commands._pdl_line("cuda") == ("PDL on (test)" if backend.PDL_DEFAULT else
+                                          f"PDL is off by default ({backend.PDL_ENV}=1 turns it on)")
 
 
 def test_prediction_streams_weights_slower_above_one_row():

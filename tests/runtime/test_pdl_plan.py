@@ -68,6 +68,28 @@ def test_the_planned_model_runs_under_its_plans_setting(monkeypatch, mode, want)
     assert seen == [want] and backend._PLAN_PDL.get() is None
 
 
+def test_apply_itself_runs_under_the_plans_setting(monkeypatch):
+    import planlang.runtime.apply as apply_mod
+    monkeypatch.setattr(apply_mod, "_apply", lambda *a: backend._PLAN_PDL.get())
+    assert apply(torch.nn.Linear(2, 2), plan_of(pdl="off"), device="cpu") is False
+    assert apply(torch.nn.Linear(2, 2), plan_of(pdl="on"), device="cpu") is True
+    assert backend._PLAN_PDL.get() is None
+
+
+@pytest.mark.parametrize("word", ["on", "off", "auto"])
+def test_pdl_reads_and_writes_as_a_bare_word_in_both_syntaxes(tmp_path, word):
+    from planlang.loader import load_with_source
+    from planlang.text_writer import write_text
+    from planlang.writer import write_yaml
+    text = f"planlang 1\nplan p on h100\n\ncapture cuda_graph buckets 1,2 pdl {word}\n"
+    (tmp_path / "p.plan").write_text(text)
+    plan = load_with_source(str(tmp_path / "p.plan")).plan
+    assert plan.graphs.pdl == word
+    assert f"pdl {word}\n" in write_text(plan.to_document())  # not quoted, though `on` is a keyword
+    (tmp_path / "p.yaml").write_text(write_yaml(plan.to_document()))
+    assert load_with_source(str(tmp_path / "p.yaml")).plan.graphs.pdl == word
+
+
 def test_the_plan_text_round_trips_and_lint_refuses_on_for_an_a100(tmp_path):
     from planlang import cli
     path = tmp_path / "p.plan"
