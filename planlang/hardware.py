@@ -555,10 +555,10 @@ class Capability:
 
 def format_cc(compute_capability: str) -> str:
     """`"9.0"` -> `"compute capability 9.0 (sm_90)"`."""
-    return f"compute capability {_cc_text(compute_capability)}"
+    return f"compute capability {cc_text(compute_capability)}"
 
 
-def _cc_text(compute_capability: str) -> str:
+def cc_text(compute_capability: str) -> str:
     major, minor = _parse_cc(compute_capability)
     return f"{compute_capability} (sm_{major}{minor})"
 
@@ -575,7 +575,7 @@ def _gating_failure(target: Target, dtype: str) -> str:
             return f"tf32 is a tensor-core format; target {target.id} has none"
         return f"{dtype} runs on target {target.id} only emulated"
     major, minor = MIN_COMPUTE_CAPABILITY[dtype]
-    has = _cc_text(target.compute_capability)
+    has = cc_text(target.compute_capability)
     return f"{dtype} needs {format_cc(f'{major}.{minor}')} or newer; target {target.id} has {has}"
 
 
@@ -615,7 +615,7 @@ def dtype_support(target: Target, dtype: str, *, emulate: bool = False, catalog:
         if target.is_cpu:
             where = "on the CPU" if dtype == "fp32" else "slowly, on the CPU"
         else:
-            where = f"on {_cc_text(target.compute_capability)}"
+            where = f"on {cc_text(target.compute_capability)}"
         return Capability(True, f"target {target.id} runs {dtype} {where}")
     catalog = catalog or load_catalog()
     if _gated_in(target, dtype):  # the chip could, but its own record lists no such GEMM

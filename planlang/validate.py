@@ -174,13 +174,12 @@ def check_graphs(check: Check) -> Iterator[Diagnostic]:
         yield check.diag(("graphs", "capture"), "PL202",
                          f"cuda_graph capture needs a CUDA target; target {check.target.id} has none",
                          hint="use capture: none here, or target a GPU")
-    if g.pdl == "on" and check.target is not None:
-        cc = check.target.compute_capability
-        if cc is None or tuple(int(x) for x in cc.split(".")) < (9, 0):
-            has = f"has {cc} (sm_{cc.replace('.', '')})" if cc else "is not a CUDA GPU"
-            yield check.diag(("graphs", "pdl"), "PL210",
-                             f"pdl: on needs compute capability 9.0 (sm_90) or newer; target {check.target.id} {has}",
-                             hint="use pdl: auto (PDL wherever the device has it), or target h100")
+    t = check.target
+    if g.pdl == "on" and t is not None and (t.cc is None or t.cc < (9, 0)):
+        has = f"has {hardware.cc_text(t.compute_capability)}" if t.cc else "is not a CUDA GPU"
+        yield check.diag(("graphs", "pdl"), "PL210",
+                         f"pdl: on needs {hardware.format_cc('9.0')} or newer; target {t.id} {has}",
+                         hint="use pdl: auto (PDL wherever the device has it), or target h100")
     mb = check.plan.limits.max_batch
     if mb is not None:
         for i, b in enumerate(g.buckets):
