@@ -62,6 +62,8 @@ from planlang.plan import Graphs, Plan
 from planlang.source import SourceError
 from planlang.writer import atomic_write, format_plan
 
+from .kernels.backend import PDL_ENV, pdl_status
+
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 
 # Fusion kinds the search varies: the graph-site kinds (sampling is the generation loop,
@@ -73,7 +75,8 @@ ACCEPTED_WARNINGS = ("PL208",)                  # no Triton on the target: the r
 DEFAULT_MAX_ERROR = 0.05                        # when neither --max-error nor --min-agreement is given
 DEFAULT_PRUNE_MARGIN = 0.15
 IMPROVE = 0.01                                  # a move of the search needs a 1% better score
-SPACE_KEYS = ("fusions", "fusion_kinds", "buckets", "compile", "capture", "precision", "offload", "prune_margin")
+SPACE_KEYS = ("fusions", "fusion_kinds", "buckets", "compile", "capture", "precision", "offload", "pdl",
+              "prune_margin")
 _BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8_weight_only": 1, "fp8_dynamic": 1,
           "mxfp8": 1 + 1 / 32, "nvfp4": 0.5 + 1 / 16, "mxfp4": 0.5 + 1 / 32}
 _QUANT_ACTIVATIONS = ("fp8_dynamic", "mxfp8", "nvfp4", "mxfp4")  # one more kernel per linear
@@ -153,12 +156,15 @@ class Candidate:
     compile: str
     precision: str                        # "none" or a preset
     offload: Optional[str] = None         # a selector of layers offloaded to the host
+    pdl: str = "auto"                     # graphs.pdl
 
     @property
     def key(self) -> str:
+        # pdl joins the key only off its default, so records of earlier studies still match
         return (f"fusions={'+'.join(self.fusions) or '-'};capture={self.capture};"
                 f"buckets={self.buckets.label if self.buckets else '-'};compile={self.compile};"
-                f"precision={self.precision};offload={self.offload or '-'}")
+                f"precision={self.precision};offload={self.offload or '-'}"
+                + (f";pdl={self.pdl}" if self.pdl != "auto" else ""))
 
     def max_batch(self, batches: Sequence[int]) -> int:
         return max([*batches, *(self.buckets.sizes if self.buckets else ())])
@@ -170,6 +176,8 @@ class Candidate:
         graphs: dict[str, Any] = {"capture": self.capture}
         if self.buckets is not None:
             graphs["buckets"] = self.buckets.value()
+        if self.pdl != "auto":
+            graphs["pdl"] = self.pdl
         doc["graphs"] = graphs
         doc["compile"] = {"mode": self.compile}
         if self.precision != "none":
@@ -193,6 +201,7 @@ class Space:
     capture: list[str]
     precision: list[str]
     offload: list[Optional[str]]
+    pdl: list[str] = field(default_factory=lambda: ["auto"])
     fusion_kinds: tuple[str, ...] = ()          # the kinds the default fusion axis takes subsets of
     prune_margin: Optional[float] = DEFAULT_PRUNE_MARGIN
     from_file: tuple[str, ...] = ()             # axes the --space file replaced
@@ -201,13 +210,14 @@ class Space:
     @property
     def size(self) -> int:
         per_capture = sum(len(self.buckets) if c == "cuda_graph" else 1 for c in self.capture)
-        return len(self.fusions) * len(self.compile) * len(self.precision) * len(self.offload) * per_capture
+        return (len(self.fusions) * len(self.compile) * len(self.precision) * len(self.offload) * len(self.pdl)
+                * per_capture)
 
     def candidates(self) -> Iterable[Candidate]:
-        for prec, fus, cap, comp, off in itertools.product(self.precision, self.fusions, self.capture, self.compile,
-                                                          self.offload):
+        for prec, fus, cap, comp, off, pdl in itertools.product(self.precision, self.fusions, self.capture,
+                                                               self.compile, self.offload, self.pdl):
             for bs in (self.buckets if cap == "cuda_graph" else [None]):
-                yield Candidate(fus, cap, bs, comp, prec, off)
+                yield Candidate(fus, cap, bs, comp, prec, off, pdl)
 
     def describe(self) -> list[tuple[str, int, str]]:
         def src(axis):
@@ -223,13 +233,15 @@ class Space:
                  + " (varied with cuda_graph only)" + src("buckets")),
                 ("compile", len(self.compile), ", ".join(self.compile) + src("compile")),
                 ("precision", len(self.precision), ", ".join(self.precision) + src("precision")),
-                ("offload", len(self.offload), ", ".join(o or "none" for o in self.offload) + src("offload"))]
+                ("offload", len(self.offload), ", ".join(o or "none" for o in self.offload) + src("offload")),
+                ("pdl", len(self.pdl), ", ".join(self.pdl) + src("pdl"))]
         return rows
 
     def size_formula(self) -> str:
         per_capture = " + ".join(f"{len(self.buckets)}" if c == "cuda_graph" else "1" for c in self.capture)
         return (f"{len(self.fusions)} fusions x {len(self.compile)} compile x {len(self.precision)} precision"
                 + (f" x {len(self.offload)} offload" if len(self.offload) > 1 else "")
+                + (f" x {len(self.pdl)} pdl" if len(self.pdl) > 1 else "")
                 + f" x ({per_capture}) capture/buckets = {self.size}")
 
 
@@ -380,6 +392,12 @@ def apply_space_file(space: Space, doc: dict, source, file: str, site_kinds: Seq
     if "precision" in doc:
         new.precision = str_list("precision", PRECISIONS, "precision preset")
         replaced.append("precision")
+    if "pdl" in doc:
+        if isinstance(doc["pdl"], list):  # YAML reads bare on/off as booleans, as in a plan's graphs.pdl
+            doc = {**doc, "pdl": [{True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+                                  for v in doc["pdl"]]}
+        new.pdl = str_list("pdl", names.PDL_MODES, "pdl mode")
+        replaced.append("pdl")
     if "buckets" in doc:
         value = doc["buckets"]
         if not isinstance(value, list) or not value:
@@ -924,6 +942,7 @@ def neighbours(c: Candidate, space: Space) -> list[Candidate]:
         out.extend(dataclasses.replace(c, buckets=bs) for bs in space.buckets if bs != c.buckets)
     out.extend(dataclasses.replace(c, compile=m) for m in space.compile if m != c.compile)
     out.extend(dataclasses.replace(c, offload=o) for o in space.offload if o != c.offload)
+    out.extend(dataclasses.replace(c, pdl=m) for m in space.pdl if m != c.pdl)
     return out
 
 
@@ -998,6 +1017,17 @@ def search(order: list[Candidate], valid: dict[str, Candidate], predicted: dict[
     except Stop:
         pass
     return best
+
+
+def pdl_second_look(best: Candidate, space: Space, device_launches_pdl: bool) -> Optional[Candidate]:
+    """The winner with `pdl: off`, to measure once more after the search, or None. PDL is a
+    launch setting the roofline does not model, so the default space does not search it;
+    where `auto` launches with PDL (sm_90+), the winner's twin without PDL is one cheap
+    trial (a measured 0.94-0.98x on an H100 for llama-1b decode, but it depends on the
+    kernels' chain). A --space file that names `pdl` searches it like any other axis."""
+    if not device_launches_pdl or "pdl" in space.from_file or best.pdl != "auto":
+        return None
+    return dataclasses.replace(best, pdl="off")
 
 
 # ============================================================================= the command
@@ -1281,8 +1311,32 @@ def tune(model: Optional[str], output: str | Path, *, target: Optional[str] = No
         show()
         return r
 
+    def second_look(best: Optional[TrialResult]) -> Optional[TrialResult]:
+        if best is None:
+            return None
+        if os.environ.get(PDL_ENV, "").strip():
+            notes.append(f"{PDL_ENV} is set: it overrides every plan's graphs.pdl, so pdl is not compared")
+            return best
+        twin = pdl_second_look(valid[best.key], sp, dev.type == "cuda" and pdl_status(dev)[0])
+        if twin is None or not linter(twin).ok:
+            return best
+        valid[twin.key] = twin
+        pred[twin.key] = pred[best.key]
+        why_stopped = stopped[0]
+        try:
+            r = evaluate(twin)
+        except Stop:
+            notes.append(f"pdl: the winner was not measured with pdl off ({stopped[0]})")
+            stopped[0] = why_stopped
+            return best
+        better = passes(r) and r.score < best.score * (1 - IMPROVE)
+        notes.append(f"pdl: the winner measured {r.score:.3f}x eager with pdl off against {best.score:.3f}x with "
+                     f"auto (PDL on): {'off' if better else 'auto'} is written" if r.status == "ok" else
+                     f"pdl: the winner with pdl off did not run ({r.reason}); auto is written")
+        return r if better else best
+
     with progress:
-        best = search(order, valid, pscore, sp, evaluate, passes)
+        best = second_look(search(order, valid, pscore, sp, evaluate, passes))
         show("done")
     search_s = time.perf_counter() - t_search
 
@@ -1403,6 +1457,8 @@ def _short(c: Candidate, kinds: Sequence[str] = ()) -> str:
         parts.append(c.precision)
     if c.offload:
         parts.append(f"offload {c.offload}")
+    if c.pdl != "auto":
+        parts.append(f"pdl {c.pdl}")
     return ", ".join(parts)
 
 

@@ -220,6 +220,41 @@ def test_search_stops_at_the_cap_with_the_best_so_far():
     assert len(seen) == 3 and best is not None and best.key in seen
 
 
+def test_a_pdl_axis_is_searched_like_the_others_and_keys_without_it_are_unchanged():
+    import dataclasses
+
+    from planlang.plan import Plan
+    from planlang.runtime.tune import neighbours
+    space = dataclasses.replace(_toy_space(), pdl=["auto", "off"])
+    cands = list(space.candidates())
+    assert len(cands) == space.size == 2 * len(list(_toy_space().candidates()))
+    auto = next(c for c in cands if c.pdl == "auto")
+    assert "pdl" not in auto.key  # the keys of records written before the axis existed
+    off = [n for n in neighbours(auto, space) if n.pdl == "off"]
+    assert len(off) == 1 and off[0].key == auto.key + ";pdl=off"
+    assert Plan.model_validate(off[0].document("p", "h100", [1])).graphs.pdl == "off"
+    assert "pdl" not in auto.document("p", "h100", [1])["graphs"]
+
+    # search: PDL off measured faster wins when the axis is searched
+    best, seen, valid = _walk(space, lambda c: 1.0 + 0.1 * (2 - len(c.fusions)),
+                              lambda c: (0.9 if c.pdl == "off" else 1.0) * (1 + 0.1 * (2 - len(c.fusions))))
+    assert valid[best.key].pdl == "off" and valid[best.key].fusions == ("qkv", "swiglu")
+
+
+def test_the_winner_gets_a_second_look_without_pdl_only_where_auto_launches_with_it():
+    import dataclasses
+
+    from planlang.runtime.tune import pdl_second_look
+    space = _toy_space()
+    best = next(iter(space.candidates()))
+    twin = pdl_second_look(best, space, device_launches_pdl=True)
+    assert twin is not None and twin.pdl == "off" and dataclasses.replace(twin, pdl="auto") == best
+    assert pdl_second_look(best, space, device_launches_pdl=False) is None  # auto is off there: the same plan
+    searched = dataclasses.replace(space, pdl=["auto"], from_file=("pdl",))
+    assert pdl_second_look(best, searched, device_launches_pdl=True) is None  # the file chose the axis
+    assert pdl_second_look(twin, space, device_launches_pdl=True) is None
+
+
 # ----------------------------------------------------------------------------- records
 
 def test_records_are_keyed_by_device_driver_and_versions_and_never_reused_across_keys(tmp_path):
@@ -270,6 +305,7 @@ def test_a_trial_left_running_by_a_dead_run_is_marked_failed(tmp_path):
     ("fusions: [[qkv, sampling]]\n", "sampling is not searched"),
     ("capture: none\n", "must be a non-empty list"),
     ("prune_margin: -1\n", "prune_margin must be a number >= 0"),
+    ("pdl: [auto, of]\n", "unknown pdl mode 'of'"),
     ("- compile\n", "a search space is a mapping"),
     ("compile: [none\n", "YAML syntax error"),
 ])
@@ -334,7 +370,9 @@ def test_the_space_file_of_docs_tune_md_is_valid():
     space = apply_space_file(default_space(SEARCH_KINDS, [1, 16], fits=True, n_layers=16, model_dtype="bf16"),
                              doc, source, "tune_space.yaml", SEARCH_KINDS)
     assert space.compile == ["none", "default"] and [b.label for b in space.buckets] == ["pow2:1..16", "[1, 4, 16]"]
-    assert space.size == 2 * 2 * 2 * 2 * 2  # fusions x compile x precision x offload x buckets (capture: cuda_graph)
+    assert space.pdl == ["auto", "off"]
+    # fusions x compile x precision x offload x pdl x buckets (capture: cuda_graph)
+    assert space.size == 2 * 2 * 2 * 2 * 2 * 2
 
 
 @pytest.mark.gpu
