@@ -190,14 +190,17 @@ def predicted_memory(model, plan, rules, win, mods) -> dict[str, float]:
     return {"weights": weights, "kv_cache": cache, "graph_pools": pools}
 
 
-def linear_weight_bytes(model: nn.Module, plan) -> float:
+def linear_weight_bytes(model: nn.Module, plan, resolved: Optional[tuple[dict, dict, dict]] = None) -> float:
     """Bytes of the model's GEMM weights but the LM head's, each in the dtype of the last
     precision rule that takes it (else the plan's default, else its own dtype): what a
-    decode step streams for its linears."""
-    mods = dict(model.named_modules())
-    ops = {n: op_of(model, n, m) for n, m in mods.items()}
+    decode step streams for its linears. `resolved`: (modules, ops, winners) where the
+    caller has them already."""
     rules = plan.precision_rules()
-    win = _winners(model, rules, list(mods), ops)
+    if resolved is None:
+        mods = dict(model.named_modules())
+        ops = {n: op_of(model, n, m) for n, m in mods.items()}
+        resolved = mods, ops, _winners(model, rules, list(mods), ops)
+    mods, ops, win = resolved
     total = 0.0
     for name, m in mods.items():
         if ops[name] != "linear":
@@ -208,15 +211,17 @@ def linear_weight_bytes(model: nn.Module, plan) -> float:
     return total
 
 
-def decode_predictions(model: nn.Module, plan, figures, context: int, on_cuda: bool) -> list[dict]:
+def decode_predictions(model: nn.Module, plan, figures, context: int, on_cuda: bool,
+                       resolved: Optional[tuple[dict, dict, dict]] = None) -> list[dict]:
     """The roofline's decode step per bucket of the plan (one row: batch 1 without graph
-    buckets), for Llama-style models (built-ins, planlang checkpoints); [] otherwise."""
+    buckets), for Llama-style models (built-ins, planlang checkpoints); [] otherwise.
+    `resolved` as for `linear_weight_bytes`."""
     from .predict import plan_decode_ms
     cfg = getattr(model, "config", None)
     if not all(hasattr(cfg, k) for k in ("dim", "n_layers", "head_dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size")):
         return []
     batches = list(plan.graphs.buckets) if plan.graphs.capture == "cuda_graph" else [1]
-    lw = linear_weight_bytes(model, plan)
+    lw = linear_weight_bytes(model, plan, resolved)
     out = []
     for b in batches:
         p = plan_decode_ms(plan, cfg, b, context, figures, on_cuda, linear_weight_bytes=lw)
@@ -272,7 +277,7 @@ def explain_with_model(data: dict, loaded, model_spec: str, target, catalog, *, 
         figures = catalog_figures(record)
     if figures is not None:
         on_cuda = record is None or bool(record.compute_capability)
-        steps = decode_predictions(model, plan, figures, context, on_cuda)
+        steps = decode_predictions(model, plan, figures, context, on_cuda, resolved=(mods, ops, win))
         if steps:
             how = (f"{figures.source} figures: {figures.bandwidth_gbs:.0f} GB/s, {figures.launch_us:.2f} us a kernel"
                    + (f", weights streamed at {figures.weight_bandwidth_gbs:.0f} GB/s"

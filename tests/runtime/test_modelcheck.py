@@ -129,3 +129,16 @@ def test_explain_refuses_an_unreadable_calibration_with_a_hint(tmp_path, capsys,
     code = main(["explain", "plans/tuned_h100.yaml", "--model", "builtin:llama-1b", "--calibration", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and "--calibration" in err and "Traceback" not in err
+
+
+def test_explain_reuses_its_resolved_rules_for_the_predictions_with_the_same_result(capsys):
+    from planlang.hardware import load_catalog
+    from planlang.loader import load_with_source
+    from planlang.runtime.modelcheck import catalog_figures
+    for path in ("plans/tuned_h100.yaml", "plans/h100_fp8_decode.yaml"):
+        assert main(["explain", path, "--model", "builtin:llama-1b", "--format", "json"]) == 0
+        rows = json.loads(capsys.readouterr().out)["decode_predictions"]["rows"]
+        plan = load_with_source(path).plan
+        figures = catalog_figures(load_catalog().get(plan.target))
+        alone = decode_predictions(shape_model("builtin:llama-1b"), plan, figures, 128, on_cuda=True)
+        assert [r["ms"] for r in rows] == pytest.approx([r["ms"] for r in alone], rel=1e-12), path
