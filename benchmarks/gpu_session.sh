@@ -18,7 +18,8 @@
 #          on llama-tiny-trained with the real FP8 kernels (benchmarks/accuracy_formats.py)
 #   close  (the session after 2026-12-08) what the open issues still need: graph-replay and
 #          FP8 KV-cache GPU tests, every kernel's GPU tests (-v, names in the log), and the
-#          attention/sampling kernel benchmark, which prints each case as it lands
+#          attention/sampling kernel benchmark, which prints each case as it lands; last,
+#          tune's GPU test (its PDL second look is new on 2026-12-08, session 7)
 #   next   (the session after 2026-12-07's third) call 1 of 2: the GPU tests of what changed
 #          since the last H100 run, the attention/sampling kernels (the tiled merge against
 #          one split a step), and A/B of the switches on the FP8 and the tuned bf16 plans;
@@ -85,7 +86,7 @@ close)
     tests/runtime/test_graph_replay.py tests/runtime/test_kv_cache_fp8.py tests/runtime/test_kernels_attention.py \
     tests/runtime/test_kernels_sampling.py tests/runtime/test_kernels_rope_attention.py tests/runtime/test_kernels_rope.py \
     tests/runtime/test_kernels_fp8.py tests/runtime/test_kernels_norm_mlp.py tests/runtime/test_kernels_norm_gemm.py \
-    tests/runtime/test_pdl_plan.py \
+    tests/runtime/test_pdl_plan.py tests/runtime/test_tune.py \
     -v > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/gpu_tests.log"
   timeout ${T_KB:-200} python3 benchmarks/bench_kernels_b.py --quick --out "$OUT/kernels_b.json" > "$OUT/kernels_b.txt" 2>&1
   tail -n 15 "$OUT/gpu_tests.log"; tail -n 40 "$OUT/kernels_b.txt"
