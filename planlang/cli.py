@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 
 from . import __version__
 
-EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+TRACEBACK_ENV = "PLANLANG_TRACEBACK"  # set to 1: an internal error shows its traceback
 
 
 class UsageError(Exception):
@@ -148,7 +149,8 @@ def _train_step_arguments(p: argparse.ArgumentParser) -> None:
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("output", metavar="OUT.pt")
+    p.add_argument("output", metavar="OUT", help="the file to write: OUT.pt (torch.save, read with weights_only) "
+                   "or OUT.safetensors (tensors, and the config in the metadata)")
     _add_format(p)
 
 
@@ -166,7 +168,7 @@ SUBCOMMANDS = {
     "bench": ("time planned models against eager and torch.compile", _bench_arguments),
     "tune": ("search plans on this hardware and write the best", _tune_arguments),
     "train-step": ("one training step with and without the plan: peak memory and time", _train_step_arguments),
-    "export": ("write a built-in model as a planlang checkpoint (.pt)", _export_arguments),
+    "export": ("write a built-in model as a planlang checkpoint (.pt or .safetensors)", _export_arguments),
     "targets": ("the hardware catalog", _targets_arguments),
     "detect": ("what this machine is", _add_format),
 }
@@ -451,6 +453,13 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except Exception as exc:  # a bug of ours (or an unforeseen input): one line, not a traceback
+        if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+            raise
+        print(f"planlang {args.command}: internal error: {type(exc).__name__}: {exc}\n"
+              f"  hint: this is a planlang bug, please report it with the command; {TRACEBACK_ENV}=1 shows "
+              "the traceback", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

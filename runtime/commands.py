@@ -14,7 +14,7 @@ from planlang.diagnostics import has_errors, render_text, sort_key
 from planlang.loader import load_with_source
 
 from .apply import ApplyError, apply
-from .models.checkpoint import ModelLoadError, export_checkpoint, load_model
+from .models.checkpoint import ModelLoadError, export_checkpoint, export_safetensors, load_model
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 
@@ -135,11 +135,15 @@ def _hf_steps(model, cache_len: int, device: torch.device):
 def refuse_on_device(loaded, device: torch.device, command: str) -> Optional[int]:
     """At run time the device present is the target: print what it cannot run and return
     the exit status, or None when the plan can run here."""
-    from planlang.validate import validate
+    from planlang.hardware import load_catalog
+    from planlang.validate import resolve_target, validate
     here = device_target(device)
     diags = validate(loaded.plan, loaded.source, target=here)
     if loaded.plan.target not in ("auto", here):
         diags = [d for d in diags if d.code != "PL203"]
+        # the plan's own target must still be one the catalog knows (lint says the same)
+        diags += [d for d in resolve_target(loaded.plan, loaded.source, load_catalog()).diagnostics
+                  if d.code == "PL203"]
     if not has_errors(diags):
         return None
     print(render_text(sorted(diags, key=sort_key)), file=sys.stderr)
@@ -191,12 +195,12 @@ def cmd_apply(args) -> int:
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
     reps = 5 if device.type == "cpu" else 20
     if builtin:
-        def size_caches():
+        def size_caches(chunk: int = 0):  # the decode steps, the evaluation text's chunks, the plan's limits
             model.setup_caches(max(batch, plan.limits.max_batch or 1),
-                               max(prompt_len + steps + 1, plan.limits.max_seq_len or 0))
+                               max(prompt_len + steps + 1, chunk, plan.limits.max_seq_len or 0))
         run_steps, example = _run_steps, None
     else:  # a Hugging Face model decodes over a transformers.StaticCache (what attention fuses on)
-        def size_caches():
+        def size_caches(chunk: int = 0):
             pass
         run_steps = _hf_steps(model, prompt_len + steps + 1, device)
         example = lambda m: run_steps(m, prompt, 1)  # noqa: E731 (what apply traces: prefill and a decode step)
@@ -205,7 +209,7 @@ def cmd_apply(args) -> int:
     ref = run_steps(model, prompt, steps)
     t_ref = _time_ms(lambda: run_steps(model, prompt, steps), device, reps)
     reference = ReferenceLogits(model, device, getattr(args, "eval_tokens", 1024))
-    size_caches()
+    size_caches(getattr(reference, "chunk", 0))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -343,12 +347,23 @@ def cmd_export(args) -> int:
     if not out.parent.is_dir():
         return _usage(f"cannot write {args.output}: the folder {out.parent} does not exist",
                       hint="create it first, or write to an existing folder")
+    writers = {".pt": export_checkpoint, ".pth": export_checkpoint, ".safetensors": export_safetensors}
+    if out.suffix not in writers:
+        return _usage(f"cannot write {args.output}: export writes .pt (torch.save) or .safetensors files, not "
+                      f"'{out.suffix or '(no suffix)'}'", hint=f"e.g. {out.with_suffix('.pt').name} or "
+                      f"{out.with_suffix('.safetensors').name}")
+    if out.suffix == ".safetensors":
+        try:
+            import safetensors  # noqa: F401
+        except ImportError:
+            return _usage("writing .safetensors needs the safetensors package, which is not installed",
+                          hint='pip install "planlang[runtime]", or write a .pt file')
     try:
         lm = load_model(args.model)
     except ModelLoadError as exc:
         return _model_error(exc)
     try:
-        path = export_checkpoint(lm.model, args.output, name=lm.name)
+        path = writers[out.suffix](lm.model, args.output, name=lm.name)
     except TypeError as exc:
         return _usage(f"cannot export {lm.source}: {exc}", hint="export writes built-in models and planlang checkpoints")
     except (OSError, RuntimeError) as exc:  # torch.save reports an unwritable place as a RuntimeError

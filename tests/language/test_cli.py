@@ -773,3 +773,17 @@ def test_fmt_shows_the_caret_of_a_syntax_error(capsys):
 def test_a_list_as_fusion_kind_is_a_diagnostic(capsys, tmp_path):
     rc, out, _ = run(capsys, "lint", write(tmp_path / "kind.yaml", "planlang: 1\nfusions: [{kind: [qkv]}]\n"))
     assert rc == 1 and ("PL105" in out or "PL108" in out)
+
+
+def test_an_internal_error_is_one_line_with_exit_3_and_its_traceback_on_request(capsys, monkeypatch):
+    def broken(args):
+        raise KeyError("a planlang bug")
+    monkeypatch.setitem(cli.COMMANDS, "targets", broken)
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    assert cli.main(["targets"]) == 3
+    err = capsys.readouterr().err
+    assert "planlang targets: internal error: KeyError: 'a planlang bug'" in err
+    assert "PLANLANG_TRACEBACK=1" in err and "Traceback" not in err
+    monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+    with pytest.raises(KeyError):
+        cli.main(["targets"])

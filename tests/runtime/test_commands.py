@@ -86,6 +86,31 @@ def test_export_writes_a_checkpoint_that_apply_loads(tmp_path, capsys):
     assert json.loads(out)["numerics"]["rel_error"] < 1e-4
 
 
+def test_export_writes_safetensors_by_suffix_and_refuses_other_suffixes(tmp_path, capsys):
+    out_st = tmp_path / "tiny.safetensors"
+    code, out, err = run_cli(["export", "builtin:llama-tiny", str(out_st)], capsys)
+    assert code == 0 and out_st.read_bytes()[8:9] == b"{"  # a safetensors header, not a torch zip
+    code, out, err = run_cli(["apply", QUICK, str(out_st), "--context", "8", "--json", "--eval-tokens", "0"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["export", "builtin:llama-tiny", str(tmp_path / "tiny.bin")], capsys)
+    assert code == 2 and "'.bin'" in err and "tiny.pt" in err and not (tmp_path / "tiny.bin").exists()
+
+
+def test_apply_of_a_training_plan_scores_the_evaluation_text(tmp_path, capsys):
+    plan = tmp_path / "train.yaml"
+    plan.write_text("planlang: 1\ntarget: auto\nmode: training\nfusions: [rmsnorm_residual]\n")
+    code, out, err = run_cli(["apply", str(plan), "builtin:llama-tiny", "--json", "--eval-tokens", "300"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["accuracy"]["top1_agreement"] == 1.0
+
+
+def test_apply_refuses_a_plan_whose_target_is_unknown_as_lint_does(tmp_path, capsys):
+    plan = tmp_path / "t.yaml"
+    plan.write_text("planlang: 1\ntarget: h100x\nfusions: [qkv]\n")
+    code, out, err = run_cli(["apply", str(plan), "builtin:llama-tiny"], capsys)
+    assert code == 1 and "PL203" in err and "t.yaml:2:9" in err and "did you mean 'h100'" in err
+
+
 def test_bench_on_cpu_runs_and_says_graphs_are_skipped(capsys, tmp_path):
     plan = tmp_path / "g.yaml"
     plan.write_text("planlang: 1\nfusions: [rmsnorm_residual, qkv]\ngraphs: {capture: cuda_graph, buckets: [1, 2]}\n")
