@@ -2,6 +2,8 @@
 their issues). The language CLI (`planlang.cli`) imports this module lazily."""
 from __future__ import annotations
 
+import contextvars
+import functools
 import json
 import sys
 import time
@@ -39,10 +41,71 @@ def _device(name: Optional[str]) -> torch.device:
     return dev
 
 
+# With --json, what a command refused or failed on, for the JSON object `json_on_failure`
+# prints (stderr still gets the text).
+_FAILURES: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("planlang_failures", default=None)
+
+
+def _note_failure(message: Optional[str] = None, hint: Optional[str] = None, diagnostics=()) -> None:
+    got = _FAILURES.get()
+    if got is None:
+        return
+    if message:
+        got.append({"severity": "error", "message": message, "hint": hint})
+    got.extend(d.to_json() for d in diagnostics)
+
+
+def print_diagnostics(diags) -> None:
+    """Diagnostics to stderr as text (and into --json's failure object)."""
+    diags = sorted(diags, key=sort_key)
+    print(render_text(diags), file=sys.stderr)
+    _note_failure(diagnostics=diags)
+
+
+def json_on_failure(cmd):
+    """A command with --json prints one JSON object also when it fails before its result:
+    {"ok": false, "exit": N, "diagnostics": [...]} on stdout, as lint's JSON has them."""
+    @functools.wraps(cmd)
+    def run(args) -> int:
+        if getattr(args, "format", None) != "json":
+            return cmd(args)
+        failures: list = []
+        token = _FAILURES.set(failures)
+        out = sys.stdout = _Watched(sys.stdout)
+        code = EXIT_USAGE
+        try:
+            code = cmd(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
+            raise
+        finally:
+            _FAILURES.reset(token)
+            sys.stdout = out.inner
+            if code and failures and not out.wrote:  # a command that printed its result said it all
+                print(json.dumps({"ok": False, "exit": code, "diagnostics": failures}, indent=2))
+        return code
+    return run
+
+
+class _Watched:
+    """A stream that remembers whether anything was written to it."""
+
+    def __init__(self, inner):
+        self.inner, self.wrote = inner, False
+
+    def write(self, text):
+        self.wrote = self.wrote or bool(text)
+        return self.inner.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 def _usage(msg: str, hint: Optional[str] = None) -> int:
     print(f"planlang: error: {msg}", file=sys.stderr)
     if hint:
         print(f"   = hint: {hint}", file=sys.stderr)
+    _note_failure(msg, hint)
     return EXIT_USAGE
 
 
@@ -57,9 +120,11 @@ def device_target(device: torch.device) -> str:
 
 
 def _model_error(exc: ModelLoadError) -> int:
-    print(f"planlang: error: {exc.path + ': ' if exc.path else ''}{exc.message}", file=sys.stderr)
+    msg = f"{exc.path + ': ' if exc.path else ''}{exc.message}"
+    print(f"planlang: error: {msg}", file=sys.stderr)
     if exc.hint:
         print(f"   = hint: {exc.hint}", file=sys.stderr)
+    _note_failure(msg, exc.hint)
     return EXIT_USAGE
 
 
@@ -146,7 +211,7 @@ def refuse_on_device(loaded, device: torch.device, command: str) -> Optional[int
                   if d.code == "PL203"]
     if not has_errors(diags):
         return None
-    print(render_text(sorted(diags, key=sort_key)), file=sys.stderr)
+    print_diagnostics(diags)
     print(f"planlang {command}: the plan cannot run on this device ({here})", file=sys.stderr)
     return EXIT_ERRORS
 
@@ -171,7 +236,7 @@ def cmd_apply(args) -> int:
         return code
     loaded = load_with_source(args.plan)
     if loaded.plan is None:
-        print(render_text(sorted(loaded.diagnostics, key=sort_key)), file=sys.stderr)
+        print_diagnostics(loaded.diagnostics)
         return EXIT_USAGE if any(d.code == "PL100" for d in loaded.diagnostics) else EXIT_ERRORS
     plan = loaded.plan
     device = _rank_device(args)
@@ -216,7 +281,7 @@ def cmd_apply(args) -> int:
     try:
         planned = apply(model, plan, example, source=loaded.source, device=device)
     except ApplyError as exc:
-        print(render_text(exc.diagnostics), file=sys.stderr)
+        print_diagnostics(exc.diagnostics)
         return EXIT_ERRORS
     apply_s = time.perf_counter() - t0
     got = run_steps(planned, prompt, steps)
@@ -336,8 +401,11 @@ def _print_apply(r: dict) -> None:
                   f"({(a['ppl_candidate'] / a['ppl_reference'] - 1) * 100:+.2f}%)"
                   + (f"; FP8 KV cache: {a['kv_saturation'] * 100:.3f}% of values saturated" if "kv_saturation" in a else ""))
     con.print(f"time ({t['what']}): unplanned {t['unplanned']:.2f} ms, planned {t['planned']:.2f} ms "
-              f"({t['speedup']:.2f}x); apply took {r['apply_s']:.1f} s"
+              f"({speed_words(t['unplanned'], t['planned'])}); apply took {r['apply_s']:.1f} s"
               + (f"; peak memory {r['peak_memory_mib']:.0f} MiB" if r["peak_memory_mib"] else ""))
+    if "cpu" in r["device"] and t["planned"] > t["unplanned"]:
+        con.print("  (on the CPU the fused kernels run their PyTorch references, which are for correctness: "
+                  "time a plan on a GPU)")
 
 
 def cmd_export(args) -> int:
@@ -416,7 +484,7 @@ def cmd_bench(args) -> int:
     for f in plan_files:
         loaded = load_with_source(f)
         if loaded.plan is None:
-            print(render_text(loaded.diagnostics), file=sys.stderr)
+            print_diagnostics(loaded.diagnostics)
             return EXIT_USAGE if any(d.code == "PL100" for d in loaded.diagnostics) else EXIT_ERRORS
         plans.append(loaded)
     device = _rank_device(args)
@@ -527,7 +595,7 @@ def cmd_bench(args) -> int:
             planned = apply(model, plan, source=loaded.source, device=device, max_batch=cache_batch,
                             max_seq_len=cache_len)
         except ApplyError as exc:
-            print(render_text(exc.diagnostics), file=sys.stderr)
+            print_diagnostics(exc.diagnostics)
             return EXIT_ERRORS
         if plan.graphs.capture == "cuda_graph" and device.type != "cuda":
             notes.append(f"{plan.name}: CUDA graphs skipped on {device.type}")
@@ -803,7 +871,14 @@ def _print_bench(r: dict) -> None:
     if base and best:
         b1 = min(best)
         con.print(f"headline: batch {b1}: best plan {best[b1]:.3f} ms vs compile(reduce-overhead) "
-                  f"{base.get(b1, float('nan')):.3f} ms = {base.get(b1, float('nan')) / best[b1]:.2f}x faster")
+                  f"{base.get(b1, float('nan')):.3f} ms: {speed_words(base.get(b1, float('nan')), best[b1])}")
+
+
+def speed_words(base_ms: float, ms: float) -> str:
+    """'2.05x faster' or '2.20x slower' (never 'faster' for a ratio below 1)."""
+    if not (base_ms > 0 and ms > 0):
+        return "no ratio"
+    return f"{base_ms / ms:.2f}x faster" if base_ms >= ms else f"{ms / base_ms:.2f}x slower"
 
 
 def _pyplot():
@@ -840,9 +915,9 @@ def _late(module: str, name: str):
 
 
 COMMANDS = {
-    "apply": cmd_apply,
+    "apply": json_on_failure(cmd_apply),
     "export": cmd_export,
-    "bench": cmd_bench,
-    "tune": _late("tune", "cmd_tune"),
-    "train-step": _late("train", "cmd_train_step"),
+    "bench": json_on_failure(cmd_bench),
+    "tune": json_on_failure(_late("tune", "cmd_tune")),
+    "train-step": json_on_failure(_late("train", "cmd_train_step")),
 }

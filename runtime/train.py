@@ -422,16 +422,15 @@ def free_device(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- the command
 
 def cmd_train_step(args) -> int:
-    from planlang.diagnostics import render_text, sort_key
     from planlang.loader import load_with_source
 
     from .apply import ApplyError, apply
-    from .commands import EXIT_ERRORS, EXIT_OK, _device, _model_error, _usage, refuse_on_device
+    from .commands import EXIT_ERRORS, EXIT_OK, _device, _model_error, _usage, print_diagnostics, refuse_on_device
     from .models.checkpoint import ModelLoadError, load_model
 
     loaded = load_with_source(args.plan)
     if loaded.plan is None:
-        print(render_text(sorted(loaded.diagnostics, key=sort_key)), file=sys.stderr)
+        print_diagnostics(loaded.diagnostics)
         return 2 if any(d.code == "PL100" for d in loaded.diagnostics) else EXIT_ERRORS
     plan = loaded.plan
     if plan.mode != "training":
@@ -458,7 +457,7 @@ def cmd_train_step(args) -> int:
             try:
                 planned = apply(model, plan, source=loaded.source, device=device)
             except ApplyError as exc:
-                print(render_text(exc.diagnostics), file=sys.stderr)
+                print_diagnostics(exc.diagnostics)
                 return EXIT_ERRORS
             forward, offload, report = planned, getattr(planned, "offload", None), planned.report
         vocab = model.config.vocab_size

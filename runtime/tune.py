@@ -1546,8 +1546,10 @@ def cmd_tune(args) -> int:
              batches=args.batch or (1, 16), context=args.context, device=args.device, seed=args.seed,
              trust_pickle=args.trust_pickle, json_output=args.format == "json")
     except TuneError as exc:
+        from .commands import _note_failure
         print(f"planlang tune: error: {exc.message}", file=sys.stderr)
         if exc.hint:
             print(f"   = hint: {exc.hint}", file=sys.stderr)
+        _note_failure(exc.message, exc.hint)
         return exc.code
     return EXIT_OK

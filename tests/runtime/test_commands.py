@@ -297,3 +297,18 @@ def test_prediction_streams_weights_slower_above_one_row():
     want = weights / (2000e9 * SKINNY_STREAM) + (two.bytes - weights) / 3000e9
     assert 0 < SKINNY_STREAM < 1 and extra > 0
     assert two.ms == pytest.approx(want * 1e3, rel=1e-9)
+
+
+def test_json_output_is_one_object_also_when_a_command_refuses(tmp_path, capsys):
+    code, out, err = run_cli(["apply", "plans/h100_decode.yaml", "builtin:llama-tiny", "--device", "cpu", "--json"],
+                             capsys)
+    got = json.loads(out)
+    assert code == 1 and got["ok"] is False and got["exit"] == 1
+    assert any(d["code"] == "PL202" and d["line"] for d in got["diagnostics"])
+    code, out, err = run_cli(["bench", QUICK, "builtin:llama-tny", "--json"], capsys)
+    got = json.loads(out)
+    assert code == 2 and "llama-tiny" in got["diagnostics"][0]["message"] and got["diagnostics"][0]["hint"]
+    # a result already printed is not followed by a second object
+    code, out, err = run_cli(["apply", QUICK, "builtin:llama-tiny", "--context", "8", "--json", "--max-error", "0",
+                              "--eval-tokens", "0"], capsys)
+    assert code == 1 and json.loads(out)["ok"] is False
