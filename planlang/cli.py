@@ -439,10 +439,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             gc.enable()
 
 
+def _our_dirs() -> tuple[str, ...]:
+    """The folders of planlang's own modules (the runtime may live beside the language)."""
+    import importlib.util
+    dirs = [os.path.dirname(os.path.abspath(__file__))]
+    spec = importlib.util.find_spec("planlang.runtime")
+    if spec is not None and spec.submodule_search_locations:
+        dirs += [os.path.abspath(d) for d in spec.submodule_search_locations]
+    return tuple(d + os.sep for d in dirs)
+
+
+def _plain_warnings():
+    """planlang's own warnings print as one line (`planlang: warning: ...`), not with the
+    source line Python's default shows; other libraries' keep their form."""
+    import warnings
+    original, ours = warnings.showwarning, _our_dirs()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(ours):
+            print(f"planlang: warning: {message}", file=file or sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
+    return original
+
+
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not args.command:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    restore = None
+    if args.command not in _LANGUAGE_COMMANDS or getattr(args, "model", None):
+        restore = _plain_warnings()
     try:
         return COMMANDS[args.command](args)
     except UsageError as exc:
@@ -460,6 +488,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
               f"  hint: this is a planlang bug, please report it with the command; {TRACEBACK_ENV}=1 shows "
               "the traceback", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if restore is not None:
+            import warnings
+            warnings.showwarning = restore
 
 
 if __name__ == "__main__":

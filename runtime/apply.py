@@ -383,6 +383,8 @@ def _apply(model, plan, example_inputs, source, device, max_batch, max_seq_len) 
     if training:
         forward = model.forward if mode == "none" else torch.compile(model, mode=mode)
         report.notes.append("training: fused kernels have no backward yet; the PyTorch reference runs")
+    elif mode == "none" and not pmap and not any(r.kind in PASSES for r in plan.fusions):
+        forward = model.forward  # nothing to rewrite: no Dynamo (its guards cost every call)
     else:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         backend = _rewriting_backend(model, plan, weights, kernels, skipped, rewritten, mode)

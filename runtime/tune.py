@@ -1030,6 +1030,13 @@ def pdl_second_look(best: Candidate, space: Space, device_launches_pdl: bool) ->
     return dataclasses.replace(best, pdl="off")
 
 
+def plain_candidate(cands: Iterable[Candidate]) -> Optional[Candidate]:
+    """The candidate that changes nothing (no fusion, graph, compile, precision, offload), if
+    the space holds it: the unplanned model's twin."""
+    return next((c for c in cands if not c.fusions and c.capture == "none" and c.compile == "none"
+                 and c.precision == "none" and not c.offload and c.pdl == "auto"), None)
+
+
 # ============================================================================= the command
 
 @dataclass
@@ -1224,6 +1231,7 @@ def tune(model: Optional[str], output: str | Path, *, target: Optional[str] = No
     linter = Linter(target_id, here, catalog, model, trust_pickle, batches)
     lint = {c.key: linter(c) for c in cands}
     valid = {c.key: c for c in cands if lint[c.key].ok}
+    cap = max(1, min(cap, len(valid)))  # never more than lint lets through
     pred = {c.key: predict(c, cfg, hw, batches, context, model_dtype) for c in valid.values()}
     pscore = {k: geomean(v.values()) for k, v in pred.items()}
     order = sorted(valid.values(), key=lambda c: (round(pscore[c.key], 9), trial_cost(c), -len(c.fusions), c.key))
@@ -1261,7 +1269,7 @@ def tune(model: Optional[str], output: str | Path, *, target: Optional[str] = No
     def show(note: str = "") -> None:
         best = min((r for r in state.results.values() if passes(r)), key=lambda r: r.score, default=None)
         text = (f"{state.measured} measured, {sum(r.reused for r in state.results.values())} from records; "
-                + (f"best {best.score:.3f}x eager ({_short(valid[best.key])})" if best else "no passing plan yet")
+                + (f"best {best.score:.3f}x eager's time ({_short(valid[best.key])})" if best else "no passing plan yet")
                 + (f"; {note}" if note else ""))
         progress.update(task, completed=min(budget_s, time.perf_counter() - t_search), description=text)
 
@@ -1330,13 +1338,33 @@ def tune(model: Optional[str], output: str | Path, *, target: Optional[str] = No
             stopped[0] = why_stopped
             return best
         better = passes(r) and r.score < best.score * (1 - IMPROVE)
-        notes.append(f"pdl: the winner measured {r.score:.3f}x eager with pdl off against {best.score:.3f}x with "
+        notes.append(f"pdl: the winner measured {r.score:.3f}x eager's time with pdl off against {best.score:.3f}x with "
                      f"auto (PDL on): {'off' if better else 'auto'} is written" if r.status == "ok" else
                      f"pdl: the winner with pdl off did not run ({r.reason}); auto is written")
         return r if better else best
 
+    def plain_look(best: Optional[TrialResult]) -> Optional[TrialResult]:
+        """A winner slower than eager: the candidate that changes nothing is measured too
+        (within the cap and budget), so the written plan is never knowingly slower."""
+        if best is None or best.score <= 1:
+            return best
+        plain = plain_candidate(valid.values())
+        if plain is None or plain.key == best.key:
+            return best
+        why_stopped = stopped[0]
+        try:
+            r = evaluate(plain)
+        except Stop:
+            stopped[0] = why_stopped
+            return best
+        if passes(r) and r.score < best.score:
+            notes.append(f"no candidate measured beat the unplanned model (best {best.score:.2f}x its time): the "
+                         "plan written changes nothing")
+            return r
+        return best
+
     with progress:
-        best = second_look(search(order, valid, pscore, sp, evaluate, passes))
+        best = plain_look(second_look(search(order, valid, pscore, sp, evaluate, passes)))
         show("done")
     search_s = time.perf_counter() - t_search
 

@@ -158,7 +158,8 @@ def _load_safetensors(path: Path, device, dtype) -> LoadedModel:
         raise ModelLoadError(f"not a readable safetensors file ({_first_sentence(exc)})", path=path,
                              hint="write or download the file again") from exc
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ModelLoadError(f"a safetensors file without planlang metadata (format {meta.get('format')!r})",
+        found = f"its 'format' is {meta['format']!r}" if meta.get("format") else "no 'format' in its metadata"
+        raise ModelLoadError(f"a safetensors file without planlang metadata ({found})",
                              path=path, hint="a Hugging Face model is loaded from its folder; "
                                              "write planlang checkpoints with export_safetensors")
     try:
@@ -261,7 +262,9 @@ def _checkpoint_config(obj: Any, path: Path) -> ModelConfig:
         bare = obj and all(isinstance(v, torch.Tensor) for v in obj.values())
         hint = ("this looks like a bare state_dict: load it into the model and write it with export_checkpoint"
                 if bare else "write the checkpoint with planlang's export_checkpoint")
-        raise ModelLoadError(f"not a planlang checkpoint (format {fmt!r}, expected {CHECKPOINT_FORMAT!r})",
+        what = "a dict of tensors" if bare else (f"its 'format' is {fmt!r}" if fmt is not None
+                                                  else f"a dict without 'format' (keys: {', '.join(map(str, list(obj)[:4]))})")
+        raise ModelLoadError(f"not a planlang checkpoint ({what}; planlang writes format {CHECKPOINT_FORMAT!r})",
                              path=path, hint=hint)
     version = obj.get("version")
     if not isinstance(version, int) or not 1 <= version <= CHECKPOINT_VERSION:

@@ -311,3 +311,17 @@ def test_compile_mode_default_hands_the_rewritten_graph_to_inductor():
     assert model.layers[0].attn.wq.weight.data_ptr() == wq_before
     for step, (g, w) in enumerate(zip(got, want)):
         assert rel_err(g, w) < F32_TOL, f"call {step}"
+
+
+def test_a_plan_with_nothing_to_rewrite_runs_the_models_own_forward_without_dynamo():
+    model = build_builtin("llama-tiny").eval()
+    model.setup_caches(1, 32)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(5))
+    want = model(ids, torch.arange(8))
+    planned = apply(model, Plan.model_validate({"planlang": 1, "target": "auto"}), device=torch.device("cpu"))
+    assert planned._forward == model.forward
+    model.setup_caches(1, 32)
+    assert torch.equal(planned(ids, torch.arange(8)), want)
+    fused = apply(build_builtin("llama-tiny").eval(), Plan.model_validate({"planlang": 1, "fusions": ["qkv"]}),
+                  device=torch.device("cpu"))
+    assert fused._forward != fused.model.forward  # a plan that rewrites goes through its backend

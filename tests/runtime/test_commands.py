@@ -312,3 +312,15 @@ def test_json_output_is_one_object_also_when_a_command_refuses(tmp_path, capsys)
     code, out, err = run_cli(["apply", QUICK, "builtin:llama-tiny", "--context", "8", "--json", "--max-error", "0",
                               "--eval-tokens", "0"], capsys)
     assert code == 1 and json.loads(out)["ok"] is False
+
+
+def test_planlangs_own_warnings_print_as_one_plain_line(tmp_path, capsys):
+    import torch
+
+    from planlang.runtime.models.registry import build_builtin
+    path = tmp_path / "module.pt"
+    torch.save(build_builtin("llama-tiny"), path)
+    code, out, err = run_cli(["apply", QUICK, str(path), "--trust-pickle", "--context", "8", "--eval-tokens", "0"],
+                             capsys)
+    assert "planlang: warning: loading" in err and "executes code" in err
+    assert "UserWarning" not in err and "warnings.warn" not in err and "load_model(" not in err

@@ -457,7 +457,7 @@ def test_zip_that_is_not_a_torch_file_is_refused(tmp_path):
 def test_wrong_format_key_is_refused(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"format": "someone-else", "state_dict": {}}, path)
-    expect_error(path, "not a planlang checkpoint .format 'someone-else'")
+    expect_error(path, "not a planlang checkpoint .its 'format' is 'someone-else'")
 
 
 def test_bare_state_dict_gets_a_hint(tmp_path):

@@ -255,6 +255,17 @@ def test_the_winner_gets_a_second_look_without_pdl_only_where_auto_launches_with
     assert pdl_second_look(twin, space, device_launches_pdl=True) is None
 
 
+def test_the_plain_candidate_is_the_one_that_changes_nothing():
+    import dataclasses
+
+    from planlang.runtime.tune import plain_candidate
+    space = dataclasses.replace(_toy_space(), pdl=["auto", "off"])
+    plain = plain_candidate(space.candidates())
+    assert plain is not None and plain.fusions == () and plain.compile == "none" and plain.precision == "none"
+    assert plain.pdl == "auto" and plain.capture == "none" and plain.offload is None
+    assert plain_candidate(c for c in space.candidates() if c.fusions) is None
+
+
 # ----------------------------------------------------------------------------- records
 
 def test_records_are_keyed_by_device_driver_and_versions_and_never_reused_across_keys(tmp_path):
