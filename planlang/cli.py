@@ -259,10 +259,19 @@ def cmd_fmt(args) -> int:
         return EXIT_ERRORS
     own = "plan" if path.suffix == ".plan" else "yaml"
     to = args.to or own
-    text = format_plan(plan, to)
+    text = format_plan(plan, to, source, own)  # the file's comments kept (planlang/comments.py)
+    from .comments import extract
+    lost = len(extract(source.text, own)) - len(extract(text, to))
+    if lost > 0:  # format_plan fell back to the text without comments: never silently
+        print(f"planlang fmt: warning: {path}: {lost} comment(s) could not be placed in the canonical form and "
+              "are left out", file=sys.stderr)
+        if args.write:
+            print(f"planlang fmt: {path} not written, so that no comment is lost (please report the file)",
+                  file=sys.stderr)
+            return EXIT_ERRORS
     if args.check:
         current = path.read_text(encoding="utf-8")
-        same = current == (text if to == own else format_plan(plan, own))
+        same = current == (text if to == own else format_plan(plan, own, source, own))
         if not same:
             print(f"{path}: not in canonical form (run `planlang fmt --write {path}`)", file=sys.stderr)
         return EXIT_OK if same else EXIT_ERRORS

@@ -29,14 +29,7 @@ def _reserved() -> frozenset[str]:
     return frozenset(keywords()) - {"none"} | {"true", "false"}
 
 
-def write_text(doc: dict) -> str:
-    """The canonical text form of a canonical document.
-
-    `read_text(write_text(doc))[0] == doc` for every canonical document (a fusion kind with
-    nothing else written is the bare string). Keys whose value is None are left out (None is
-    every optional key's default). Raises ValueError for what the text form cannot say: an
-    unknown key, a list or mapping where a value goes, a float that is not finite.
-    """
+def _lines(doc: dict) -> list[str]:
     _known(doc, ("planlang", "name", "target", "mode", "extends", "fusions", "graphs", "compile",
                  "precision", "memory", "parallel", "limits", "provenance"), "the plan")
     groups = [
@@ -53,7 +46,35 @@ def write_text(doc: dict) -> str:
             if lines:
                 lines.append("")
             lines.extend(group)
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+# The section each statement's first word writes (text_lines' paths).
+_STATEMENT_KEY = {"planlang": "planlang", "plan": "name", "target": "target", "mode": "mode", "extends": "extends",
+                  "fuse": "fusions", "capture": "graphs", "compile": "compile", "limits": "limits",
+                  "dtype": "precision", "offload": "memory", "recompute": "memory", "parallel": "parallel",
+                  "provenance": "provenance"}
+
+
+def text_lines(doc: dict) -> list[tuple]:
+    """The canonical text form's lines, each with the (top-level) path it stands for; None
+    for the blank lines between groups."""
+    out = []
+    for line in _lines(doc):
+        word = line.split(" ", 1)[0]
+        out.append(((_STATEMENT_KEY[word],) if word in _STATEMENT_KEY else (out[-1][0] if out else None), line))
+    return out
+
+
+def write_text(doc: dict) -> str:
+    """The canonical text form of a canonical document.
+
+    `read_text(write_text(doc))[0] == doc` for every canonical document (a fusion kind with
+    nothing else written is the bare string). Keys whose value is None are left out (None is
+    every optional key's default). Raises ValueError for what the text form cannot say: an
+    unknown key, a list or mapping where a value goes, a float that is not finite.
+    """
+    return "\n".join(_lines(doc)) + "\n"
 
 
 # ----------------------------------------------------------------------------- values

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from .plan import Plan
+from .source import SourceMap
 
 
 _PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
@@ -55,36 +56,70 @@ def _flow(value) -> str:
     return _scalar(value)
 
 
-def _block(value, indent: int) -> list[str]:
+def _block(value, indent: int, path: tuple = ()) -> list[tuple[tuple, str]]:
+    """(document path, text) of each line."""
     pad = " " * indent
     lines = []
     for key, v in value.items():
+        here = path + (key,)
         if isinstance(v, dict) and v and any(isinstance(x, (dict, list)) for x in v.values()):
-            lines.append(f"{pad}{_scalar(key)}:")
-            lines.extend(_block(v, indent + 2))
+            lines.append((here, f"{pad}{_scalar(key)}:"))
+            lines.extend(_block(v, indent + 2, here))
         elif isinstance(v, list) and any(isinstance(x, dict) for x in v):
-            lines.append(f"{pad}{_scalar(key)}:")
-            for item in v:
-                lines.append(f"{pad}  - {_flow(item)}")
+            lines.append((here, f"{pad}{_scalar(key)}:"))
+            for i, item in enumerate(v):
+                lines.append((here + (i,), f"{pad}  - {_flow(item)}"))
         elif isinstance(v, dict) and len(v) > 3:
-            lines.append(f"{pad}{_scalar(key)}:")
-            lines.extend(_block(v, indent + 2))
+            lines.append((here, f"{pad}{_scalar(key)}:"))
+            lines.extend(_block(v, indent + 2, here))
         else:
-            lines.append(f"{pad}{_scalar(key)}: {_flow(v)}")
+            lines.append((here, f"{pad}{_scalar(key)}: {_flow(v)}"))
     return lines
+
+
+def yaml_lines(doc: dict) -> list[tuple[tuple, str]]:
+    """The canonical YAML lines of a canonical document, each with the path it stands for."""
+    return _block(doc, 0)
 
 
 def write_yaml(doc: dict) -> str:
     """The canonical YAML text of a canonical document."""
-    return "\n".join(_block(doc, 0)) + "\n"
+    return "\n".join(text for _, text in yaml_lines(doc)) + "\n"
 
 
-def format_plan(plan: Plan, to: str) -> str:
+def format_plan(plan: Plan, to: str, source: "SourceMap | None" = None, syntax: str = "yaml") -> str:
+    """The canonical text of `plan` in `to` ("yaml" or "plan"). With the `source` map of
+    the file it was read from (written in `syntax`), the file's comments are kept
+    (planlang/comments.py); should the commented text not read back to the same document,
+    the text without comments is returned instead (the caller can compare)."""
     doc = plan.to_document()
     if to == "plan":
-        from .text_writer import write_text
-        return write_text(doc)
-    return write_yaml(doc)
+        from .text_writer import text_lines
+        lines = text_lines(doc)
+    else:
+        lines = yaml_lines(doc)
+    plain = "\n".join(text for _, text in lines) + "\n"
+    if source is None or not source.text:
+        return plain
+    from .comments import attach, extract
+    found = extract(source.text, syntax)
+    if not found:
+        return plain
+    text = "\n".join(attach(lines, found, source)) + "\n"
+    return text if _reads_back(text, to, doc) else plain
+
+
+def _reads_back(text: str, to: str, doc: dict) -> bool:
+    try:
+        if to == "plan":
+            from .text_reader import read_text
+            got = read_text(text, "<fmt>")[0]
+        else:
+            from .yaml_reader import read_yaml
+            got = read_yaml(text, "<fmt>")[0]
+    except Exception:
+        return False
+    return got == doc
 
 
 def atomic_write(path: str | Path, text: str) -> None:

@@ -339,7 +339,7 @@ def test_every_caret_in_the_corpus_lines_up(capsys):
 # ----------------------------------------------------------------------------- fmt
 
 MESSY_YAML = """\
-# a comment fmt drops
+# a header comment fmt keeps on top
 limits: {max_batch: 8,   max_seq_len: 2048}
 target: h100
 planlang: 1
@@ -375,16 +375,81 @@ limits max_seq_len 2048 max_batch 8
 """
 
 
+def _uncommented(text: str) -> str:
+    """The text without its comment lines (fmt keeps a file's comments)."""
+    return "".join(line for line in text.splitlines(keepends=True) if not line.lstrip().startswith("#"))
+
+
 def test_fmt_prints_canonical_yaml(capsys, tmp_path):
     rc, out, _ = run(capsys, "fmt", write(tmp_path / "messy.yaml", MESSY_YAML))
-    assert rc == 0 and out == CANONICAL_YAML
+    assert rc == 0 and out == "# a header comment fmt keeps on top\n" + CANONICAL_YAML
+
+
+COMMENTED_YAML = """\
+# header
+planlang: 1
+target: h100
+# the fusions
+fusions:
+  - qkv            # one GEMM
+  # soft-capped, as Gemma-2
+  - {kind: attention, softcap: 30.0}
+compile:
+  mode: none   # written, so kept
+graphs: {buckets: [1, 2], capture: cuda_graph}  # two buckets
+limits: {max_batch: 2}
+# the end
+"""
+
+
+def test_fmt_keeps_every_comment_beside_what_it_was_written_at(capsys, tmp_path):
+    rc, out, _ = run(capsys, "fmt", write(tmp_path / "c.yaml", COMMENTED_YAML))
+    assert rc == 0
+    assert out == """\
+# header
+planlang: 1
+target: h100
+# the fusions
+fusions:
+  - qkv  # one GEMM
+  # soft-capped, as Gemma-2
+  - {kind: attention, softcap: 30.0}
+graphs:  # two buckets
+  capture: cuda_graph
+  buckets: [1, 2]
+compile: {mode: none}  # written, so kept
+limits: {max_batch: 2}
+# the end
+"""
+    again = write(tmp_path / "again.yaml", out)
+    assert run(capsys, "fmt", "--check", again)[0] == 0  # a fixed point, comments included
+    rc, text, _ = run(capsys, "fmt", "--to", "plan", again)
+    assert rc == 0
+    assert [line for line in text.splitlines() if "#" in line] == [
+        # a .plan line stands for its section: the comment above the second fusion goes above the first
+        "# header", "# the fusions", "# soft-capped, as Gemma-2", "fuse qkv  # one GEMM",
+        "capture cuda_graph buckets 1,2  # two buckets", "compile none  # written, so kept", "# the end"]
+    back = write(tmp_path / "again.plan", text)
+    assert run(capsys, "fmt", "--check", back)[0] == 0
+
+
+def test_a_hash_inside_a_quoted_value_is_not_a_comment(capsys, tmp_path):
+    text = 'planlang: 1\nprovenance: {note: "a#b"}\nfusions:\n  - {kind: qkv, at: "layers.*.attn"}  # real\n'
+    rc, out, _ = run(capsys, "fmt", write(tmp_path / "q.yaml", text))
+    assert rc == 0 and out.count("#") == 2 and '"a#b"' in out
+    assert '  - {kind: qkv, at: "layers.*.attn"}  # real\n' in out
+
+
+def test_every_shipped_plan_is_in_canonical_form_with_its_comments(capsys):
+    for plan in sorted(PLANS.iterdir()):
+        assert run(capsys, "fmt", "--check", plan)[0] == 0, plan
 
 
 def test_fmt_prints_canonical_plan_text(capsys, tmp_path):
     messy = "# comment\n  planlang   1\ncapture cuda_graph   buckets 1, 2,4 ,8\n\n\ntarget h100\n" \
             "limits max_batch 8 max_seq_len 2048\nfuse qkv\nfuse attention( softcap = 30.0 ) at layers.*.attn\n"
     rc, out, _ = run(capsys, "fmt", write(tmp_path / "messy.plan", messy))
-    assert rc == 0 and out == CANONICAL_PLAN
+    assert rc == 0 and out == "# comment\n" + CANONICAL_PLAN
 
 
 def test_fmt_output_is_a_fixed_point(capsys, tmp_path):
@@ -410,14 +475,14 @@ def test_fmt_write_rewrites_the_file_in_canonical_form(capsys, tmp_path):
     path = write(tmp_path / "messy.yaml", MESSY_YAML)
     rc, out, _ = run(capsys, "fmt", "--write", path)
     assert rc == 0 and out == ""
-    assert path.read_text() == CANONICAL_YAML
+    assert path.read_text() == "# a header comment fmt keeps on top\n" + CANONICAL_YAML
     assert sorted(p.name for p in tmp_path.iterdir()) == ["messy.yaml"]
 
 
 def test_fmt_write_to_plan_writes_the_text_form_beside_it(capsys, tmp_path):
     path = write(tmp_path / "messy.yaml", MESSY_YAML)
     assert run(capsys, "fmt", "--write", "--to", "plan", path)[0] == 0
-    assert (tmp_path / "messy.plan").read_text() == CANONICAL_PLAN
+    assert (tmp_path / "messy.plan").read_text() == "# a header comment fmt keeps on top\n" + CANONICAL_PLAN
     assert path.read_text() == MESSY_YAML  # the source stays as it was
 
 
@@ -455,7 +520,7 @@ def test_fmt_to_plan_converts_and_reads_back_as_the_same_plan(capsys):
 def test_fmt_to_yaml_converts_the_text_form(capsys):
     plan = PLANS / "gemma2_decode.plan"
     rc, out, _ = run(capsys, "fmt", "--to", "yaml", plan)
-    assert rc == 0 and out.startswith("planlang: 1\nname: gemma2_decode\n")
+    assert rc == 0 and _uncommented(out).startswith("planlang: 1\nname: gemma2_decode\n")
     assert Plan.from_document(*read_yaml(out))[0] == Plan.from_document(*read_text(plan.read_text()))[0]
 
 
@@ -740,7 +805,7 @@ def test_subprocess_whole_corpus_has_no_traceback():
 
 def test_subprocess_fmt_to_plan():
     proc = run_process("fmt", "--to", "plan", "plans/h100_decode.yaml")
-    assert proc.returncode == 0 and proc.stdout.startswith("planlang 1\nplan h100_decode on h100\n")
+    assert proc.returncode == 0 and _uncommented(proc.stdout).startswith("planlang 1\nplan h100_decode on h100\n")
 
 
 def test_infinite_option_is_refused_not_a_traceback(capsys, tmp_path):
