@@ -53,7 +53,8 @@ def _comment_start(line: str, syntax: str) -> int:
 
 def extract(text: str, syntax: str) -> list[Comment]:
     out = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):  # the readers' lines (not str.splitlines's)
+        line = line.rstrip("\r")
         col = _comment_start(line, syntax)
         if col >= 0:
             out.append(Comment(line[col:].rstrip(), n, trailing=bool(line[:col].strip())))
@@ -126,7 +127,9 @@ def attach(lines: Sequence[Line], comments: Sequence[Comment], source: SourceMap
     out = list(head)
     for i, (_, text) in enumerate(lines):
         pad = text[:len(text) - len(text.lstrip())]
-        out.extend(pad + c for c in before.get(i, ()))
-        out.append(text + "".join("  " + c for c in after.get(i, ())))
+        trailing = after.get(i, [])
+        # one comment fits after a line; more (entries a line folds together) go above it
+        out.extend(pad + c for c in [*before.get(i, ()), *trailing[:-1]])
+        out.append(text + ("  " + trailing[-1] if trailing else ""))
     out.extend(tail)
     return out

@@ -16,7 +16,7 @@ READ = {"yaml": read_yaml, "plan": read_text}
 
 
 def _commented(text: str, spots: list[tuple[int, bool]]) -> str:
-    lines = text.splitlines()
+    lines = text.rstrip("\n").split("\n")  # not splitlines: a string may hold U+0085
     for n, (at, trailing) in enumerate(sorted(spots, reverse=True)):
         i = at % len(lines)
         if trailing and lines[i].strip():
