@@ -46,6 +46,12 @@ def read_document(path: str | Path, data: bytes | None = None) -> tuple[object, 
     path = Path(path)
     file = str(path)
     if path.suffix not in PLAN_SUFFIXES:
+        if data is None and path.is_dir():
+            raise SourceError("PL100", f"{file}: is a folder, not a plan file", None,
+                              f"name the plans, e.g. {path / '*.yaml'}")
+        if file.startswith("builtin:") or path.suffix in (".pt", ".pth", ".safetensors"):
+            raise SourceError("PL100", f"{file}: a model, not a plan file", None,
+                              "pass the model with --model (lint, explain) or after the plan (apply, bench)")
         raise SourceError("PL100", f"{file}: unknown plan syntax '{path.suffix or '(no suffix)'}'", None,
                           "plan files end in .yaml, .yml or .plan")
     if data is None:

@@ -252,7 +252,9 @@ def explain_with_model(data: dict, loaded, model_spec: str, target, catalog, *, 
             places.append("sampling: the generation loop")
             continue
         hits = resolve(Selector.parse(f.at), mod_names)
-        places.append(f"fusion {f.kind} at '{f.at}': {len(hits)} module(s) in scope; sites are found by tracing at apply")
+        places.append(f"fusion {f.kind} at '{f.at}': {len(hits)} module(s) in scope; sites are found by tracing at apply"
+                      if hits else f"fusion {f.kind} at '{f.at}': names no module of this model "
+                      f"({'PL309: apply refuses it' if f.required else 'PL312: optional, apply skips it'})")
     rules = plan.precision_rules()
     win = _winners(model, rules, mod_names, ops)
     by_rule: dict[int, list[str]] = {}
@@ -264,7 +266,8 @@ def explain_with_model(data: dict, loaded, model_spec: str, target, catalog, *, 
         places.append(f"precision '{r.at}' -> {r.dtype}: {len(hits)} place(s) {shown}")
     for r in plan.memory.offload:
         hits = resolve(Selector.parse(r.at), mod_names)
-        places.append(f"offload '{r.at}': {len(hits)} module(s)")
+        places.append(f"offload '{r.at}': {len(hits)} module(s)" if hits else
+                      f"offload '{r.at}': names no module of this model (PL309: apply refuses it)")
     data["places"] = places
     predictions = []
     if plan.limits.max_seq_len and plan.limits.max_batch:
@@ -275,7 +278,9 @@ def explain_with_model(data: dict, loaded, model_spec: str, target, catalog, *, 
         catalog.get(target) if (catalog is not None and target) else None)
     if figures is None and record is not None:
         figures = catalog_figures(record)
-    if figures is not None:
+    if plan.mode == "training":
+        predictions.append("decode step: not predicted for a training plan (the roofline models inference decode)")
+    elif figures is not None:
         on_cuda = record is None or bool(record.compute_capability)
         steps = decode_predictions(model, plan, figures, context, on_cuda, resolved=(mods, ops, win))
         if steps:

@@ -852,3 +852,10 @@ def test_an_internal_error_is_one_line_with_exit_3_and_its_traceback_on_request(
     monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
     with pytest.raises(KeyError):
         cli.main(["targets"])
+
+
+def test_lint_says_a_folder_or_a_model_is_not_a_plan_and_what_to_pass(capsys, tmp_path):
+    rc, out, _ = run(capsys, "lint", tmp_path)
+    assert rc == 2 and "is a folder, not a plan file" in out and "*.yaml" in out
+    rc, out, _ = run(capsys, "lint", "builtin:llama-tiny")
+    assert rc == 2 and "a model, not a plan file" in out and "--model" in out

@@ -142,3 +142,13 @@ def test_explain_reuses_its_resolved_rules_for_the_predictions_with_the_same_res
         figures = catalog_figures(load_catalog().get(plan.target))
         alone = decode_predictions(shape_model("builtin:llama-1b"), plan, figures, 128, on_cuda=True)
         assert [r["ms"] for r in rows] == pytest.approx([r["ms"] for r in alone], rel=1e-12), path
+
+
+def test_explain_with_a_model_says_which_selectors_name_nothing_and_predicts_no_decode_for_training(capsys):
+    assert main(["explain", "plans/gemma2_decode.plan", "--model", "builtin:gemma2-tiny", "--format", "json"]) == 0
+    places = json.loads(capsys.readouterr().out)["places"]
+    assert any(p.startswith("offload 'layers[16:32]': names no module") and "PL309" in p for p in places)
+    assert main(["explain", "plans/h200_train.yaml", "--model", "builtin:llama-1b", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "decode_predictions" not in data
+    assert any("not predicted for a training plan" in p for p in data["predictions"])
