@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from planlang.diagnostics import has_errors, render_text, sort_key
+from planlang.diagnostics import Diagnostic, at, has_errors, render_text, sort_key
 from planlang.loader import load_with_source
 
 from .apply import ApplyError, apply
@@ -216,11 +216,27 @@ def refuse_on_device(loaded, device: torch.device, command: str) -> Optional[int
     return EXIT_ERRORS
 
 
-def _distributed(args) -> Optional[int]:
+def _distributed(args, plans=()) -> Optional[int]:
     """`--nproc N`: start N ranks with torchrun and return the job's status; None when
-    this process runs the command itself (alone, or as one rank of a job)."""
+    this process runs the command itself (alone, or as one rank of a job). A plan whose
+    `parallel.tensor` is not N is refused first (PL307), before any process starts."""
     from .parallel.launch import maybe_launch
-    return maybe_launch(getattr(args, "argv", None), getattr(args, "nproc", None))
+    nproc = getattr(args, "nproc", None)
+    if nproc and nproc > 1:
+        bad = []
+        for loaded in plans:
+            tensor = loaded.plan.parallel.tensor
+            if tensor != nproc:
+                written = loaded.source is not None and ("parallel", "tensor") in loaded.source.values
+                msg = (f"--nproc {nproc} starts {nproc} processes, but the plan's parallel.tensor is {tensor}"
+                       + ("" if written else " (the default: the plan has no parallel section)"))
+                hint = f"write `parallel: {{tensor: {nproc}}}` in the plan, or drop --nproc"
+                bad.append(at(loaded.source, ("parallel", "tensor"), "PL307", msg, hint=hint) if written
+                           else Diagnostic("PL307", msg, file=loaded.file, hint=hint))
+        if bad:
+            print_diagnostics(bad)
+            return EXIT_ERRORS
+    return maybe_launch(getattr(args, "argv", None), nproc)
 
 
 def _rank_device(args) -> torch.device:
@@ -231,13 +247,13 @@ def _rank_device(args) -> torch.device:
 
 
 def cmd_apply(args) -> int:
-    code = _distributed(args)
-    if code is not None:
-        return code
     loaded = load_with_source(args.plan)
     if loaded.plan is None:
         print_diagnostics(loaded.diagnostics)
         return EXIT_USAGE if any(d.code == "PL100" for d in loaded.diagnostics) else EXIT_ERRORS
+    code = _distributed(args, [loaded])
+    if code is not None:
+        return code
     plan = loaded.plan
     device = _rank_device(args)
     target = plan.target if plan.target != "auto" else device_target(device)
@@ -477,9 +493,6 @@ def cmd_bench(args) -> int:
     if not plan_files and not against:
         return _usage("nothing to bench: no plan file, and --against names no baseline",
                       hint="give one or more plans (PLAN... [MODEL]), or baselines with --against eager,compile")
-    code = _distributed(args)
-    if code is not None:
-        return code
     plans = []
     for f in plan_files:
         loaded = load_with_source(f)
@@ -487,6 +500,9 @@ def cmd_bench(args) -> int:
             print_diagnostics(loaded.diagnostics)
             return EXIT_USAGE if any(d.code == "PL100" for d in loaded.diagnostics) else EXIT_ERRORS
         plans.append(loaded)
+    code = _distributed(args, plans)
+    if code is not None:
+        return code
     device = _rank_device(args)
     try:
         lm = load_model(model_spec, trust_pickle=args.trust_pickle, device=device)

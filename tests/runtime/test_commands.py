@@ -324,3 +324,13 @@ def test_planlangs_own_warnings_print_as_one_plain_line(tmp_path, capsys):
                              capsys)
     assert "planlang: warning: loading" in err and "executes code" in err
     assert "UserWarning" not in err and "warnings.warn" not in err and "load_model(" not in err
+
+
+def test_nproc_against_the_plans_tensor_degree_is_checked_before_any_process_starts(tmp_path, capsys):
+    code, out, err = run_cli(["apply", QUICK, "builtin:llama-tiny", "--nproc", "2"], capsys)
+    assert code == 1 and "PL307" in err and "--nproc 2 starts 2 processes" in err and "no parallel section" in err
+    assert "parallel: {tensor: 2}" in err and "torch.distributed" not in err
+    plan = tmp_path / "tp4.yaml"
+    plan.write_text("planlang: 1\ntarget: auto\nparallel: {tensor: 4}\n")
+    code, out, err = run_cli(["bench", str(plan), "builtin:llama-tiny", "--nproc", "2", "--against", ""], capsys)
+    assert code == 1 and "tp4.yaml:3:20" in err and "parallel.tensor is 4" in err
