@@ -53,6 +53,15 @@ def _add_format(p: argparse.ArgumentParser, choices=("text", "json")) -> None:
     p.add_argument("--json", dest="format", action="store_const", const="json", help="short for --format json")
 
 
+MODEL_HELP = ("builtin:NAME (llama-tiny, gemma2-tiny, sinks-tiny, llama-tiny-trained, llama-1b, llama-8b), a "
+              "planlang .pt or .safetensors checkpoint, or a Hugging Face model folder (default: builtin:llama-tiny)")
+
+
+def _model_option(p: argparse.ArgumentParser) -> None:
+    """`--model M`, the same as the positional MODEL (lint and explain take only --model)."""
+    p.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as MODEL")
+
+
 def _lint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plans", nargs="+", metavar="PLAN")
     p.add_argument("--target", help="check against this target instead of the plan's")
@@ -64,7 +73,7 @@ def _lint_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _fmt_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("plan", metavar="PLAN")
+    p.add_argument("plans", nargs="+", metavar="PLAN", help="one plan; several with --check or --write")
     p.add_argument("--to", choices=("yaml", "plan"), help="output syntax (default: the file's own)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--check", action="store_true", help="exit 1 when the file is not canonical")
@@ -74,10 +83,10 @@ def _fmt_arguments(p: argparse.ArgumentParser) -> None:
 
 def _explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", metavar="PLAN")
-    p.add_argument("--model", help="list the places each rule takes in this model, and predictions")
-    p.add_argument("--target")
-    p.add_argument("--hardware", action="append", default=[], metavar="FILE")
-    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--model", help="list the places each rule takes in this model, and predictions (imports torch)")
+    p.add_argument("--target", help="explain for this target instead of the plan's")
+    p.add_argument("--hardware", action="append", default=[], metavar="FILE", help="extra hardware targets (YAML)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled whole module (runs code)")
     p.add_argument("--context", type=POSITIVE, default=128, help="decode context for predictions")
     p.add_argument("--calibration", metavar="BENCH_JSON",
                    help="predict with the figures a `planlang bench --format json` run measured "
@@ -87,7 +96,8 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
 
 def _apply_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", metavar="PLAN")
-    p.add_argument("model", nargs="?", metavar="MODEL", help="builtin:NAME, a .pt checkpoint, a HF folder")
+    p.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    _model_option(p)
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled whole module (runs code)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if present)")
     p.add_argument("--max-error", type=float, help="fail when the relative output error exceeds this")
@@ -95,14 +105,15 @@ def _apply_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=NON_NEGATIVE, default=1024, metavar="N",
                    help="tokens of the evaluation text scored for accuracy (0: none)")
     p.add_argument("--nproc", type=POSITIVE, metavar="N", help="run on N processes of this host (torchrun), for parallel.tensor N")
-    p.add_argument("--batch", type=POSITIVE, default=1)
-    p.add_argument("--context", type=POSITIVE, default=128)
-    p.add_argument("--hardware", action="append", default=[], metavar="FILE")
+    p.add_argument("--batch", type=POSITIVE, default=1, help="rows of the random prompt (default 1)")
+    p.add_argument("--context", type=POSITIVE, default=128, help="prompt length, at most 64 (default 128: 64)")
+    p.add_argument("--hardware", action="append", default=[], metavar="FILE", help="extra hardware targets (YAML)")
     _add_format(p)
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("plans", nargs="+", metavar="PLAN... [MODEL]")
+    p.add_argument("plans", nargs="+", metavar="PLAN... [MODEL]", help="plan files, then the model: " + MODEL_HELP)
+    _model_option(p)
     p.add_argument("--against", default="eager,compile", metavar="BASELINE,...",
                    help="baselines timed beside the plans, comma-separated (default: eager,compile): "
                         + "; ".join(f"{k} ({v})" for k, v in BENCH_BASELINES.items()))
@@ -115,35 +126,37 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=NON_NEGATIVE, default=512, metavar="N",
                    help="tokens of the evaluation text scored for each plan's accuracy (0: none)")
     p.add_argument("--nproc", type=POSITIVE, metavar="N", help="run on N processes of this host (torchrun), for parallel.tensor N")
-    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled whole module (runs code)")
     _add_format(p)
 
 
 def _tune_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", metavar="MODEL")
-    p.add_argument("-o", "--output", required=True, metavar="PLAN")
-    p.add_argument("--target")
-    p.add_argument("--budget", type=float, default=5.0, metavar="MIN")
+    p.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    _model_option(p)
+    p.add_argument("-o", "--output", required=True, metavar="PLAN", help="the plan file to write (.yaml or .plan)")
+    p.add_argument("--target", help="lint candidates for this target too (default: the device present)")
+    p.add_argument("--budget", type=float, default=5.0, metavar="MIN", help="minutes of search (default 5)")
     p.add_argument("--max-error", type=float, help="reject candidates whose relative logit error exceeds this")
     p.add_argument("--min-agreement", type=float, help="reject candidates whose top-1 agreement falls below this")
     p.add_argument("--space", metavar="FILE", help="a YAML file that narrows or widens the search space")
     p.add_argument("--storage", metavar="DB", help="the trial records (SQLite; default .planlang/tune.db)")
     p.add_argument("--batch", type=POSITIVE, action="append", help="decode batch sizes to score (default: 1 and 16)")
     p.add_argument("--context", type=POSITIVE, default=128, help="decode context (tokens in the cache)")
-    p.add_argument("--device")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if present)")
+    p.add_argument("--seed", type=int, default=0, help="torch's seed for the trials (default 0)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled whole module (runs code)")
     _add_format(p)
 
 
 def _train_step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", metavar="PLAN")
-    p.add_argument("model", nargs="?", metavar="MODEL", help="builtin:NAME, a .pt checkpoint, a HF folder")
-    p.add_argument("--batch", type=POSITIVE, default=2)
-    p.add_argument("--seq", type=POSITIVE, default=256)
+    p.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    _model_option(p)
+    p.add_argument("--batch", type=POSITIVE, default=2, help="sequences per step (default 2)")
+    p.add_argument("--seq", type=POSITIVE, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--steps", type=POSITIVE, default=3, help="steps timed (after one warm-up step)")
-    p.add_argument("--device")
-    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if present)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled whole module (runs code)")
     _add_format(p)
 
 
@@ -240,13 +253,23 @@ def cmd_lint(args) -> int:
 def cmd_fmt(args) -> int:
     from pathlib import Path
 
+    if len(args.plans) > 1 and not (args.check or args.write):
+        raise UsageError(f"{len(args.plans)} plans: fmt prints one plan; check or rewrite several with --check or "
+                         "--write")
+    worst = EXIT_OK
+    for plan_path in args.plans:
+        code = _fmt_one(Path(plan_path), args)
+        worst = code if code == EXIT_USAGE or worst == EXIT_OK else worst
+    return worst
+
+
+def _fmt_one(path, args) -> int:
     from .diagnostics import render_text
     from .loader import read_document
     from .plan import Plan
     from .source import SourceError
     from .writer import atomic_write, format_plan
 
-    path = Path(args.plan)
     try:
         doc, source = read_document(path)
     except SourceError as exc:
@@ -435,6 +458,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser = build_parser(given[0] if given and given[0] in SUBCOMMANDS else None)
         args = parser.parse_args(given)
         args.argv = given
+        problem = _reconcile_model(args)
+        if problem:
+            print(f"planlang {args.command}: error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
         language = args.command in _LANGUAGE_COMMANDS and not getattr(args, "model", None)
         if language and argv is None:  # the program, not a caller's `main([...])`
             os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
@@ -471,6 +498,24 @@ def _plain_warnings():
             original(message, category, filename, lineno, file, line)
     warnings.showwarning = show
     return original
+
+
+def _reconcile_model(args: argparse.Namespace) -> Optional[str]:
+    """`--model M` where a command takes MODEL as an argument: the same model, or an error."""
+    option = getattr(args, "model_option", None)
+    if option is None:
+        return None
+    if args.command == "bench":
+        if args.plans and not args.plans[-1].endswith((".yaml", ".yml", ".plan")):
+            if args.plans[-1] != option:
+                return f"two models: {args.plans[-1]} and --model {option}"
+        else:
+            args.plans.append(option)
+        return None
+    if getattr(args, "model", None) not in (None, option):
+        return f"two models: {args.model} and --model {option}"
+    args.model = option
+    return None
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

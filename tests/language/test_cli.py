@@ -859,3 +859,22 @@ def test_lint_says_a_folder_or_a_model_is_not_a_plan_and_what_to_pass(capsys, tm
     assert rc == 2 and "is a folder, not a plan file" in out and "*.yaml" in out
     rc, out, _ = run(capsys, "lint", "builtin:llama-tiny")
     assert rc == 2 and "a model, not a plan file" in out and "--model" in out
+
+
+def test_fmt_checks_several_plans_but_prints_only_one(capsys, tmp_path):
+    good = write(tmp_path / "ok.yaml", CANONICAL_YAML)
+    messy = write(tmp_path / "messy.yaml", MESSY_YAML)
+    assert run(capsys, "fmt", "--check", good, good)[0] == 0
+    rc, _, err = run(capsys, "fmt", "--check", good, messy)
+    assert rc == 1 and "messy.yaml: not in canonical form" in err
+    rc, _, err = run(capsys, "fmt", good, messy)
+    assert rc == 2 and "--check or --write" in err
+
+
+def test_a_model_given_twice_is_a_usage_error_and_once_as_an_option_is_the_argument(capsys):
+    rc, _, err = run(capsys, "apply", "plans/quickstart.yaml", "builtin:sinks-tiny", "--model", "builtin:llama-tiny")
+    assert rc == 2 and "two models" in err
+    args = cli.build_parser("tune").parse_args(["tune", "-o", "x.yaml", "--model", "builtin:llama-1b"])
+    assert cli._reconcile_model(args) is None and args.model == "builtin:llama-1b"
+    args = cli.build_parser("bench").parse_args(["bench", "a.yaml", "--model", "builtin:llama-1b"])
+    assert cli._reconcile_model(args) is None and args.plans == ["a.yaml", "builtin:llama-1b"]
