@@ -946,3 +946,29 @@ def regex_dot_before_digit(selector: Union[Selector, str]) -> list[int]:
             found.append(base + i)
         i += 1
     return found
+
+
+def outline(names: list[str], most: int = 8) -> str:
+    """A short picture of a model's module tree from `named_modules()` names, for hints:
+    the top-level children (a numbered list as `layers[0..15]`) and what the first item of
+    each list holds, e.g. `embed, layers[0..15], norm, lm_head; layers.0: attn, mlp`."""
+    def children(prefix: str) -> list[str]:
+        depth = prefix.count(".") + 1 if prefix else 0
+        out: list[str] = []
+        for n in names:
+            if n and (not prefix or n.startswith(prefix + ".")):
+                part = n.split(".")[depth] if len(n.split(".")) > depth else None
+                if part is not None and part not in out:
+                    out.append(part)
+        return out
+
+    top, shown, lists = children(""), [], []
+    for child in top:
+        kids = children(child)
+        if kids and all(k.isdigit() for k in kids):
+            shown.append(f"{child}[0..{max(int(k) for k in kids)}]")
+            lists.append(f"{child}.{kids[0]}: {', '.join(children(f'{child}.{kids[0]}')[:most])}")
+        else:
+            shown.append(child)
+    text = ", ".join(shown[:most]) + (" ..." if len(shown) > most else "")
+    return text + ("; " + "; ".join(lists) if lists else "")

@@ -21,7 +21,7 @@ from torch import nn
 
 from planlang.diagnostics import Diagnostic, at
 from planlang.plan import Plan
-from planlang.selectors import Selector, SelectorError
+from planlang.selectors import Selector, SelectorError, outline
 from planlang.source import SourceMap
 
 from .kernels import attention as _attention_ops  # noqa: F401  (registers planlang:: ops)
@@ -169,9 +169,8 @@ def resolve_rules(model: nn.Module, plan: Plan, source: Optional[SourceMap]) -> 
         if not hits:
             code = "PL309" if required else "PL312"
             diags.append(at(source, path, code, f"'{text}' ({what}) names no module of this model",
-                            hint="`planlang explain --model` lists the model's modules; "
-                                 "write required: false to allow a miss" if path[0] == "fusions" else
-                                 "`planlang explain --model` lists the model's modules"))
+                            hint=f"the model's modules: {outline(names)}"
+                                 + ("; write required: false to allow a miss" if path[0] == "fusions" else "")))
     return found, diags
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from planlang import names
 from planlang.diagnostics import Diagnostic, at
-from planlang.selectors import Selector, SelectorError, resolve
+from planlang.selectors import Selector, SelectorError, outline, resolve
 
 from .models.checkpoint import ModelLoadError, load_model
 from .models.llama import Transformer
@@ -95,7 +95,7 @@ def model_diagnostics(loaded, model_spec: str, *, target: Optional[str], catalog
         if not hits:
             diags.append(at(src, path, "PL309" if required else "PL312",
                             f"'{text}' names no {'module' if sel.op is None else sel.op} of this model",
-                            hint=f"the model's modules look like: {', '.join(mod_names[1:4])}, ..."))
+                            hint=f"the model's modules: {outline(mod_names)}"))
         return hits
 
     for i, f in enumerate(plan.fusions):

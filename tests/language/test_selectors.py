@@ -654,3 +654,12 @@ def test_overlaps_is_exact(a, b):
     assert result is not None
     assert result == _reference_overlaps(a, b)
     assert overlaps(b_sel, a_sel) == result
+
+
+def test_outline_pictures_a_module_tree_for_hints():
+    from planlang.selectors import outline
+    names = ["", "embed", "layers", *[f"layers.{i}{s}" for i in range(16) for s in ("", ".attn", ".attn.q", ".mlp")],
+             "norm", "lm_head"]
+    assert outline(names) == "embed, layers[0..15], norm, lm_head; layers.0: attn, mlp"
+    assert outline(["", "a", "b"]) == "a, b"
+    assert outline([""]) == ""
