@@ -123,7 +123,8 @@ def sort_key(d: Diagnostic):
 def render_text(diags: Iterable[Diagnostic], color: bool = False) -> str:
     out = []
     for d in diags:
-        out.append(f"{d.file}:{d.line}:{d.column}: {d.severity}[{d.code}]: {d.message}")
+        where = f"{d.file}:{d.line}:{d.column}" if d.span is not None else d.file  # no made-up place
+        out.append(f"{where}: {d.severity}[{d.code}]: {d.message}")
         if d.span is not None and d.source_line is not None and d.source_line.strip():
             num = str(d.span.line)
             pad = " " * len(num)
