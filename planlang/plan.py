@@ -345,8 +345,10 @@ def _document(model: BaseModel) -> Any:
 
 # ----------------------------------------------------------------------------- errors -> diagnostics
 
-_WHAT = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+_WHAT = {"int": "an integer", "float": "a number", "str": "a string", "string": "a string", "bool": "true or false",
          "list": "a list", "dict": "a mapping", "model": "a mapping"}
+_BOUNDS = {"greater_than": ("gt", "greater than"), "greater_than_equal": ("ge", "at least"),
+           "less_than": ("lt", "less than"), "less_than_equal": ("le", "at most")}
 
 
 def _expected(err: dict) -> str:
@@ -440,7 +442,10 @@ def _diagnostic(err: dict, doc: Any, source: SourceMap | None) -> Diagnostic:
         if t == "model_type" and loc[:1] == ("fusions",):
             msg = f"{where}: a fusion is a kind name or a mapping with `kind`, found {shown}"
         return at(source, loc, "PL105", msg)
-    # numeric bounds and the rest
+    if t in _BOUNDS and _BOUNDS[t][0] in err.get("ctx", {}):
+        key, words = _BOUNDS[t]
+        return at(source, loc, "PL105", f"{where} must be {words} {err['ctx'][key]}, found {value!r}")
+    # the rest, in pydantic's words
     msg = err["msg"]
     return at(source, loc, "PL105", f"{where}: {msg[0].lower() + msg[1:]}" if msg else f"invalid value at {where}")
 

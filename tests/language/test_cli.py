@@ -878,3 +878,10 @@ def test_a_model_given_twice_is_a_usage_error_and_once_as_an_option_is_the_argum
     assert cli._reconcile_model(args) is None and args.model == "builtin:llama-1b"
     args = cli.build_parser("bench").parse_args(["bench", "a.yaml", "--model", "builtin:llama-1b"])
     assert cli._reconcile_model(args) is None and args.plans == ["a.yaml", "builtin:llama-1b"]
+
+
+def test_type_and_bound_errors_say_what_was_expected_and_found(capsys, tmp_path):
+    rc, out, _ = run(capsys, "lint", write(tmp_path / "p.yaml", "planlang: 1\nname: 5\nlimits: {max_batch: 0}\n"))
+    assert rc == 1
+    assert "name must be a string, found 5" in out and "limits.max_batch must be greater than 0, found 0" in out
+    assert "input should" not in out.lower()
