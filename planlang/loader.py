@@ -86,7 +86,10 @@ def _text_of(path: Path) -> SourceMap | None:
 
 def _source_error(exc: SourceError, file: str, source: SourceMap | None = None) -> Diagnostic:
     text = source.line_text(exc.span.line) if (source and exc.span) else None
-    return Diagnostic(exc.code, exc.message, "", file, exc.span, exc.hint, text)
+    message = exc.message
+    if message.startswith(f"{file}: ") and exc.span is None:  # the place already names the file
+        message = message[len(file) + 2:]
+    return Diagnostic(exc.code, message, "", file, exc.span, exc.hint, text)
 
 
 def _merge(base: dict, over: dict) -> dict:
