@@ -13,11 +13,12 @@
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from planlang.diagnostics import Diagnostic, at
 from planlang.plan import Plan
@@ -196,12 +197,48 @@ def find_sites(views: list[GraphView], plan: Plan) -> dict[int, list[Site]]:
     return out
 
 
+MAX_VARIANTS = 256  # rewrites of one Dynamo graph (one per module instance that shares it)
+
+
 def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kernels: dict, skipped: dict,
                        rewritten: dict, compile_mode: str):
     """Step 4: the torch.compile backend that rewrites each graph Dynamo hands it."""
     rules = [(i, f, Selector.parse(f.at)) for i, f in enumerate(plan.fusions) if f.kind in PASSES]
 
     def backend(gm, example_inputs):
+        """One rewritten graph per set of parameters the graph is called with. Dynamo shares
+        a graph between module instances whose code is the same (a block's code after a
+        graph break runs for every block, its parameters as inputs), while the rewrite bakes
+        the fused weights of the instance it saw: each new set of parameters and buffers
+        (by storage) gets a rewrite of its own, built at its first call."""
+        pristine = _copy_graph_module(gm)
+        bound = sorted(i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
+                       if node in GraphView(gm, list(example_inputs), model).param_of)
+
+        ends = (bound[0], bound[-1]) if bound else ()
+
+        def key_of(inputs) -> tuple:
+            # The first and last parameter bound tell module instances apart (a shared graph
+            # swaps all of them); two, not all: this runs on every call without a CUDA graph.
+            return tuple((inputs[i].data_ptr(), tuple(inputs[i].shape)) for i in ends)
+
+        variants = {key_of(example_inputs): rewrite_one(gm, example_inputs)}
+        if not bound:
+            return next(iter(variants.values()))
+
+        def run(*args):
+            fn = variants.get(key_of(args))
+            if fn is None:
+                if len(variants) >= MAX_VARIANTS:
+                    raise RuntimeError(f"planlang: a graph was called with more than {MAX_VARIANTS} sets of "
+                                       "parameters; hint: report it with the model (the planned forward cannot "
+                                       "tell its modules apart)")
+                fresh = _copy_graph_module(pristine)
+                fn = variants[key_of(args)] = rewrite_one(fresh, list(args))
+            return fn(*args)
+        return run
+
+    def rewrite_one(gm, example_inputs):
         view = GraphView(gm, list(example_inputs), model)
         _rewrite(view)
         if weights.precision:
@@ -240,6 +277,22 @@ def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kern
                             kernels.setdefault(i, set()).add(done)
                             rewritten.setdefault(i, set()).add(site.path)
     return backend
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with a copy of gm's graph (sharing its attributes), and the metadata
+    Dynamo and AOTAutograd read beside the graph."""
+    out = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    for old, new in zip(gm.graph.nodes, out.graph.nodes):  # attributes a graph copy does not carry
+        for name in ("_dynamo_source",):
+            if hasattr(old, name):
+                setattr(new, name, getattr(old, name))
+    out.meta = dict(getattr(gm, "meta", {}))
+    for name in ("_param_name_to_source", "_source_to_user_stacks"):
+        if hasattr(gm, name):
+            value = getattr(gm, name)
+            setattr(out, name, dict(value) if isinstance(value, dict) else value)
+    return out
 
 
 def _declare_fused_buffers(gm) -> None:

@@ -248,3 +248,57 @@ def test_masks_the_kernel_cannot_honour_are_no_attention_site():
     reasons = {name[n]: fusion._sdpa(view, n) for n in stack.args[0]}
     assert "is_causal" in reasons["top_left"]
     assert "not a causal" in reasons["padded"] and "not a causal" in reasons["strict"]
+
+
+class _Gate(nn.Module):
+    def __init__(self, d, f):
+        super().__init__()
+        self.fc_gate, self.fc_up = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
+        self.fc_down = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.fc_down(torch.nn.functional.silu(self.fc_gate(x)) * self.fc_up(x))
+
+
+class _Broken(nn.Module):
+    """Blocks whose forward breaks the Dynamo graph: the code after the break is one graph
+    that every block runs with its own parameters as inputs."""
+
+    def __init__(self, d=32, f=64, n=3):
+        super().__init__()
+        self.embed = nn.Embedding(50, d)
+        self.blocks = nn.ModuleList(_Gate(d, f) for _ in range(n))
+        self.head = nn.Linear(d, 50, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for b in self.blocks:
+            x = x * 1.0
+            torch._dynamo.graph_break()
+            x = x + b(x)
+        if ids.dim() != 2:
+            raise ValueError("ids must be [B, T]")
+        return self.head(x)
+
+
+@pytest.mark.parametrize("mode", ["none", "default"])
+def test_a_graph_shared_by_blocks_gets_each_blocks_own_fused_weights(mode):
+    import copy
+
+    from planlang.plan import Plan
+    from planlang.runtime.apply import apply
+    torch.manual_seed(3)
+    model = _Broken().eval()
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 50, (2, 5))
+    planned = apply(model, Plan.model_validate({"planlang": 1, "target": "auto", "fusions": ["swiglu"],
+                                                "compile": {"mode": mode}}), example_inputs=(ids,))
+    rule = next(r for r in planned.report.rules if r.what == "swiglu")
+    assert rule.places == ["blocks.0", "blocks.1", "blocks.2"]
+    with torch.no_grad():
+        with pytest.raises(ValueError):  # a failed call (a recompile on the way) must not change later ones
+            planned(torch.randint(0, 50, (5,)))
+        for shape in [(2, 5), (3, 9)]:
+            x = torch.randint(0, 50, shape)
+            want = twin(x)
+            torch.testing.assert_close(planned(x), want, rtol=1e-5, atol=1e-5)
