@@ -106,7 +106,7 @@ def _apply_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens of the evaluation text scored for accuracy (0: none)")
     p.add_argument("--nproc", type=POSITIVE, metavar="N", help="run on N processes of this host (torchrun), for parallel.tensor N")
     p.add_argument("--batch", type=POSITIVE, default=1, help="rows of the random prompt (default 1)")
-    p.add_argument("--context", type=POSITIVE, default=128, help="prompt length, at most 64 (default 128: 64)")
+    p.add_argument("--context", type=POSITIVE, default=128, help="context of the run: the prompt is min(CONTEXT, 64) tokens, then 4 decode steps (default 128)")
     p.add_argument("--hardware", action="append", default=[], metavar="FILE", help="extra hardware targets (YAML)")
     _add_format(p)
 

@@ -53,7 +53,8 @@ class ApplyError(Exception):
 
     def __init__(self, diagnostics: list[Diagnostic]):
         self.diagnostics = diagnostics
-        super().__init__("; ".join(f"{d.file}:{d.line}:{d.column}: {d.message}" for d in diagnostics))
+        from planlang.diagnostics import render_text
+        super().__init__("\n" + render_text(diagnostics))  # as the CLI prints them: place, code, hint
 
 
 @dataclass
@@ -81,6 +82,16 @@ class Report:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def __str__(self) -> str:
+        """The report as text: `print(planned.report)` (the CLI prints it as a table)."""
+        lines = [f"plan {self.plan} on {self.device} ({self.backend})"]
+        for r in self.rules:
+            shown = ", ".join(r.places[:4]) + (f" ... (+{len(r.places) - 4})" if len(r.places) > 4 else "")
+            lines.append(f"  {r.section}[{r.index}] {r.what}: {len(r.places)} place(s) {shown}; {r.kernel}"
+                         + (f"; {r.note}" if r.note else ""))
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- example inputs
@@ -342,9 +353,31 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
     rule's places and kernels. Raises ApplyError, before changing the model, when a
     required rule matches nothing. Kernels compiled or captured here, and every call of
     the planned model, launch as `graphs.pdl` says."""
+    plan, source = _as_plan(plan, source)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     with pdl_mode(plan.graphs.pdl):
         return _apply(model, plan, example_inputs, source, device, max_batch, max_seq_len)
+
+
+def _as_plan(plan: Any, source: Optional[SourceMap]) -> tuple[Plan, Optional[SourceMap]]:
+    """A Plan, a plan file's path (read with its places, `extends` merged) or a plan
+    document (dict); ApplyError for a file or document with errors, TypeError otherwise."""
+    import os
+    if isinstance(plan, Plan):
+        return plan, source
+    if isinstance(plan, (str, os.PathLike)):
+        from planlang.loader import load_with_source
+        loaded = load_with_source(plan)
+        if loaded.plan is None or any(d.severity == "error" for d in loaded.diagnostics):
+            raise ApplyError(loaded.diagnostics)
+        return loaded.plan, loaded.source
+    if isinstance(plan, dict):
+        got, diags = Plan.from_document(plan, source)
+        if got is None:
+            raise ApplyError(diags)
+        return got, source
+    raise TypeError(f"apply: plan must be a Plan, a plan file's path or a plan document (dict), not "
+                    f"{type(plan).__name__} (hint: planlang.load('plan.yaml'))")
 
 
 def _apply(model, plan, example_inputs, source, device, max_batch, max_seq_len) -> PlannedModel:

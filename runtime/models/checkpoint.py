@@ -91,6 +91,9 @@ def export_safetensors(model: Transformer, path: Union[str, Path], *, name: Opti
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
+    _umask = os.umask(0)
+    os.umask(_umask)
+    os.chmod(tmp, 0o666 & ~_umask)  # as torch.save's files are (safetensors writes 0600)
     os.replace(tmp, path)
     return path
 

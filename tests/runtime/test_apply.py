@@ -325,3 +325,19 @@ def test_a_plan_with_nothing_to_rewrite_runs_the_models_own_forward_without_dyna
     fused = apply(build_builtin("llama-tiny").eval(), Plan.model_validate({"planlang": 1, "fusions": ["qkv"]}),
                   device=torch.device("cpu"))
     assert fused._forward != fused.model.forward  # a plan that rewrites goes through its backend
+
+
+def test_apply_takes_a_plan_path_or_document_and_says_what_else_it_wants(tmp_path):
+    model = build_builtin("llama-tiny").eval()
+    planned = apply(model, "plans/quickstart.yaml", device=torch.device("cpu"))
+    text = str(planned.report)
+    assert text.startswith("plan quickstart on cpu") and "fusions[1] qkv: 2 place(s) layers.0.attn" in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("planlang: 1\nfusions:\n  - {kind: qkv, at: \"layers.*.mlp\"}\n")
+    with pytest.raises(ApplyError) as err:
+        apply(build_builtin("llama-tiny").eval(), str(bad), device=torch.device("cpu"))
+    assert f"{bad}:3:" in str(err.value) and "PL309" in str(err.value) and "hint:" in str(err.value)
+    with pytest.raises(ApplyError, match="PL108"):
+        apply(build_builtin("llama-tiny").eval(), {"planlang": 1, "fusions": ["qkvv"]})
+    with pytest.raises(TypeError, match="planlang.load"):
+        apply(build_builtin("llama-tiny").eval(), 42)

@@ -90,6 +90,9 @@ def test_export_writes_safetensors_by_suffix_and_refuses_other_suffixes(tmp_path
     out_st = tmp_path / "tiny.safetensors"
     code, out, err = run_cli(["export", "builtin:llama-tiny", str(out_st)], capsys)
     assert code == 0 and out_st.read_bytes()[8:9] == b"{"  # a safetensors header, not a torch zip
+    out_pt = tmp_path / "tiny.pt"
+    assert run_cli(["export", "builtin:llama-tiny", str(out_pt)], capsys)[0] == 0
+    assert out_st.stat().st_mode & 0o777 == out_pt.stat().st_mode & 0o777  # the same permissions
     code, out, err = run_cli(["apply", QUICK, str(out_st), "--context", "8", "--json", "--eval-tokens", "0"], capsys)
     assert code == 0, err
     code, out, err = run_cli(["export", "builtin:llama-tiny", str(tmp_path / "tiny.bin")], capsys)
