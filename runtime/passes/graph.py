@@ -20,7 +20,9 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.fx as fx
 
-_PREFIX = re.compile(r"^L\[['\"](?:self|fn|mod)['\"]\]\.?|^L\[['\"]args['\"]\]\[0\]\.?")
+# The traced frame's local that holds the model: `self` as usual, or whatever its forward
+# names its first parameter (`def forward(s, x)`), `fn`/`mod` for wrapped callables.
+_PREFIX = re.compile(r"^L\[['\"]args['\"]\]\[0\]\.?|^L\[['\"][A-Za-z_]\w*['\"]\]\.?")
 _INDEX = re.compile(r"\[(\d+)\]")
 _MODULES = re.compile(r"_modules\[['\"]([^'\"]+)['\"]\]")
 

@@ -302,3 +302,11 @@ def test_a_graph_shared_by_blocks_gets_each_blocks_own_fused_weights(mode):
             x = torch.randint(0, 50, shape)
             want = twin(x)
             torch.testing.assert_close(planned(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_module_paths_are_the_named_modules_names_whatever_forward_calls_self():
+    from planlang.runtime.passes.graph import module_path
+    assert module_path("L['self'].layers[0].attn") == "layers.0.attn"
+    assert module_path("L['s'].blocks[1].ln1") == "blocks.1.ln1"  # def forward(s, x)
+    assert module_path("L['args'][0].mlp") == "mlp"
+    assert module_path("L['self']._modules['a'].b") == "a.b"
