@@ -417,7 +417,7 @@ def _apply(model, plan, example_inputs, source, device, max_batch, max_seq_len) 
     elif callable(example_inputs):
         run = example_inputs
     else:
-        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         run = lambda m: m(*args)  # noqa: E731
 
     errors = gemm_errors(model, pmap, run) if pmap and plan.mode != "training" else {}
