@@ -221,6 +221,8 @@ def cmd_lint(args) -> int:
 
     catalog, diags = _catalog(args.hardware)
     unreadable = catalog is None  # a bad --hardware file: the command cannot run
+    if catalog is not None and args.target and catalog.get(args.target) is None:
+        unreadable = True  # a bad argument, like a missing file: exit 2 (each plan reports PL203)
     for path in args.plans:
         loaded = load_with_source(path)
         diags.extend(loaded.diagnostics)

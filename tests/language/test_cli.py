@@ -599,9 +599,10 @@ def test_fp8_plan_linted_for_an_a100_fails_with_pl201(capsys):
     assert run(capsys, "lint", PLANS / "h100_fp8_decode.yaml")[0] == 0  # fine on its own target
 
 
-def test_unknown_target_option_is_an_error(capsys):
+def test_unknown_target_option_is_a_usage_error(capsys):
+    # a bad argument exits 2, as docs/diagnostics.md says, with the PL203 diagnostic
     rc, out, _ = run(capsys, "lint", "--target", "h1000", PLANS / "h100_decode.yaml")
-    assert rc == 1 and "PL203" in out and "h1000" in out
+    assert rc == 2 and "PL203" in out and "h1000" in out
 
 
 MY_GPUS = """\
@@ -634,7 +635,7 @@ MY_GPUS = """\
 def test_hardware_file_adds_targets_usable_with_target(capsys, tmp_path):
     hw = write(tmp_path / "gpus.yaml", MY_GPUS)
     plan = PLANS / "h100_fp8_decode.yaml"
-    assert run(capsys, "lint", "--target", "my-ada", plan)[0] == 1  # unknown without the file
+    assert run(capsys, "lint", "--target", "my-ada", plan)[0] == 2  # unknown without the file: a bad argument
     rc, out, _ = run(capsys, "lint", "--hardware", hw, "--target", "my-ada", plan)
     assert rc == 0, out
     assert run(capsys, "lint", "--hardware", hw, "--target", "mine", plan)[0] == 0  # the alias
