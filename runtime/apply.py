@@ -227,11 +227,24 @@ def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kern
                        if node in GraphView(gm, list(example_inputs), model).param_of)
 
         ends = (bound[0], bound[-1]) if bound else ()
+        named = {f"{m}.{n}" if m else n: t for m, mod in model.named_modules(remove_duplicate=False)
+                 for n, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+                 if t is not None}
+        names = {id(t): n for n, t in named.items()}
+
+        def name_of(t) -> Any:
+            # The parameter's own object (stable while offload swaps its storage), else one
+            # that shares its storage and view (an alias Dynamo made).
+            name = names.get(id(t))
+            if name is None:
+                name = next((n for n, p in named.items() if p.data_ptr() == t.data_ptr() and p.shape == t.shape),
+                            (t.data_ptr(), tuple(t.shape)))
+            return name
 
         def key_of(inputs) -> tuple:
             # The first and last parameter bound tell module instances apart (a shared graph
             # swaps all of them); two, not all: this runs on every call without a CUDA graph.
-            return tuple((inputs[i].data_ptr(), tuple(inputs[i].shape)) for i in ends)
+            return tuple(name_of(inputs[i]) for i in ends)
 
         variants = {key_of(example_inputs): rewrite_one(gm, example_inputs)}
         if not bound:
