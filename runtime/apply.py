@@ -372,6 +372,20 @@ def apply(model: nn.Module, plan: Plan, example_inputs: Any = None, *, source: O
         return _apply(model, plan, example_inputs, source, device, max_batch, max_seq_len)
 
 
+def _explain_trace_failure(model: nn.Module, run: Callable, exc: Exception) -> None:
+    """The trace failed: when the model fails on its example inputs without Dynamo too, raise
+    that error (the user's inputs), named as such, instead of Dynamo's fake-tensor trace."""
+    try:
+        with torch.no_grad():
+            run(model)
+    except Exception as eager:
+        first = str(eager).strip().splitlines()[0] if str(eager).strip() else ""
+        raise ValueError(f"apply: the model fails on its example inputs, without any plan: "
+                         f"{type(eager).__name__}: {first} (hint: pass example_inputs as the model's forward "
+                         "takes them: a tuple of its arguments)") from eager
+    # the model runs without Dynamo: the failure is the trace's; the caller re-raises it
+
+
 def _as_plan(plan: Any, source: Optional[SourceMap]) -> tuple[Plan, Optional[SourceMap]]:
     """A Plan, a plan file's path (read with its places, `extends` merged) or a plan
     document (dict); ApplyError for a file or document with errors, TypeError otherwise."""
@@ -439,7 +453,11 @@ def _apply(model, plan, example_inputs, source, device, max_batch, max_seq_len) 
         kv = apply_kv_cache_precision(model, pmap, run, report)  # before the trace: it sees FP8 caches
     # eps and offsets must stay constants in the graph, or recompiled graphs lose the norms.
     torch._dynamo.config.specialize_float = True
-    views = capture(model, run)
+    try:
+        views = capture(model, run)
+    except Exception as exc:
+        _explain_trace_failure(model, run, exc)
+        raise
     sites = find_sites(views, plan)
     for i, rule in enumerate(plan.fusions):
         if rule.kind == "sampling":

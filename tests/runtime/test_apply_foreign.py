@@ -310,3 +310,13 @@ def test_module_paths_are_the_named_modules_names_whatever_forward_calls_self():
     assert module_path("L['s'].blocks[1].ln1") == "blocks.1.ln1"  # def forward(s, x)
     assert module_path("L['args'][0].mlp") == "mlp"
     assert module_path("L['self']._modules['a'].b") == "a.b"
+
+
+def test_example_inputs_the_model_cannot_take_are_named_as_such():
+    from planlang.plan import Plan
+    from planlang.runtime.apply import apply
+    model = _Broken().eval()
+    plan = Plan.model_validate({"planlang": 1, "target": "auto", "fusions": ["swiglu"]})
+    with pytest.raises(ValueError, match="fails on its example inputs, without any plan") as err:
+        apply(model, plan, example_inputs=(torch.randn(2, 5),))  # float ids: the embedding refuses them
+    assert "RuntimeError" in str(err.value) or "IndexError" in str(err.value)
