@@ -213,6 +213,10 @@ def refuse_on_device(loaded, device: torch.device, command: str) -> Optional[int
         return None
     print_diagnostics(diags)
     print(f"planlang {command}: the plan cannot run on this device ({here})", file=sys.stderr)
+    if here == "cpu" and any(d.code == "PL202" and d.severity == "error" for d in diags):
+        print(f"   = hint: `planlang bench` runs it here with graph capture skipped; to apply it on the CPU, "
+              f"write a plan with `extends: {Path(loaded.file).name}` and `graphs: {{capture: none}}`",
+              file=sys.stderr)
     return EXIT_ERRORS
 
 

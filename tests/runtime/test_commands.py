@@ -337,3 +337,14 @@ def test_nproc_against_the_plans_tensor_degree_is_checked_before_any_process_sta
     plan.write_text("planlang: 1\ntarget: auto\nparallel: {tensor: 4}\n")
     code, out, err = run_cli(["bench", str(plan), "builtin:llama-tiny", "--nproc", "2", "--against", ""], capsys)
     assert code == 1 and "tp4.yaml:3:20" in err and "parallel.tensor is 4" in err
+
+
+def test_a_graph_plan_refused_on_the_cpu_says_how_to_run_it_here_and_that_works(tmp_path, capsys):
+    import shutil
+    code, out, err = run_cli(["apply", "plans/h100_decode.yaml", "builtin:llama-tiny", "--device", "cpu"], capsys)
+    assert code == 1 and "PL202" in err and "extends: h100_decode.yaml" in err and "graphs: {capture: none}" in err
+    shutil.copy("plans/h100_decode.yaml", tmp_path / "h100_decode.yaml")
+    (tmp_path / "here.yaml").write_text("planlang: 1\nextends: h100_decode.yaml\ngraphs: {capture: none}\n")
+    code, out, err = run_cli(["apply", str(tmp_path / "here.yaml"), "builtin:llama-tiny", "--device", "cpu",
+                              "--eval-tokens", "0"], capsys)
+    assert code == 0, err
