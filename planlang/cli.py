@@ -508,7 +508,8 @@ def _reconcile_model(args: argparse.Namespace) -> Optional[str]:
     if option is None:
         return None
     if args.command == "bench":
-        if args.plans and not args.plans[-1].endswith((".yaml", ".yml", ".plan")):
+        from .loader import PLAN_SUFFIXES
+        if args.plans and not args.plans[-1].endswith(PLAN_SUFFIXES):
             if args.plans[-1] != option:
                 return f"two models: {args.plans[-1]} and --model {option}"
         else:

@@ -49,3 +49,8 @@ PRESETS = ("bf16", "fp8_weight_only", "fp8_dynamic", "mxfp8", "nvfp4", "mxfp4")
 OFFLOAD_TARGETS = ("cpu",)
 RECOMPUTE_POLICIES = ("full", "selective")
 PARALLEL_STYLES = ("colwise", "rowwise", "replicate")
+
+
+def pdl_word(value):
+    """A graphs.pdl value as its word: YAML 1.1 reads a bare `on` / `off` as true / false."""
+    return ("on" if value else "off") if isinstance(value, bool) else value

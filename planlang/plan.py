@@ -116,10 +116,7 @@ class Graphs(Section):
     @field_validator("pdl", mode="before")
     @classmethod
     def _pdl_words(cls, value: Any) -> Any:
-        # YAML 1.1 reads a bare `on` / `off` as true / false: take them as the words.
-        if isinstance(value, bool):
-            return "on" if value else "off"
-        return value
+        return names.pdl_word(value)
 
     @model_validator(mode="before")
     @classmethod

@@ -228,9 +228,7 @@ def _graphs(graphs: Any) -> list[str]:
         line += " buckets" + _buckets(graphs["buckets"])
     line += _clauses(graphs, ("over_max", "warmup"))
     if _present(graphs, "pdl"):  # a bare word (on is reserved elsewhere, not after pdl)
-        pdl = graphs["pdl"]
-        if isinstance(pdl, bool):  # YAML reads a bare on / off as a boolean
-            pdl = "on" if pdl else "off"
+        pdl = names.pdl_word(graphs["pdl"])
         line += f" pdl {pdl if pdl in names.PDL_MODES else format_value(pdl)}"
     return [line] if line != "capture" else []
 

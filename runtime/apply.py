@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx, nn
 
-from planlang.diagnostics import Diagnostic, at
+from planlang.diagnostics import Diagnostic, at, has_errors, render_text
 from planlang.plan import Plan
 from planlang.selectors import Selector, SelectorError, outline
 from planlang.source import SourceMap
@@ -38,7 +38,7 @@ PASSES.update(_all_passes())
 from .passes.linear import LinearPass  # noqa: E402
 
 PASSES["linear"] = LinearPass()
-from .passes.graph import GraphView, capture
+from .passes.graph import GraphView, capture, find_tensor, model_tensors
 from .passes.graphs import traced_call
 from .passes.prologue import fold_norms
 from .passes.rope_attention import fuse_rope_attention
@@ -53,7 +53,6 @@ class ApplyError(Exception):
 
     def __init__(self, diagnostics: list[Diagnostic]):
         self.diagnostics = diagnostics
-        from planlang.diagnostics import render_text
         super().__init__("\n" + render_text(diagnostics))  # as the CLI prints them: place, code, hint
 
 
@@ -223,23 +222,15 @@ def _rewriting_backend(model: nn.Module, plan: Plan, weights: FusedWeights, kern
         the fused weights of the instance it saw: each new set of parameters and buffers
         (by storage) gets a rewrite of its own, built at its first call."""
         pristine = _copy_graph_module(gm)
-        bound = sorted(i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
-                       if node in GraphView(gm, list(example_inputs), model).param_of)
-
+        by_id = model_tensors(model)
+        bound = [i for i, value in enumerate(example_inputs) if find_tensor(by_id, value) is not None]
         ends = (bound[0], bound[-1]) if bound else ()
-        named = {f"{m}.{n}" if m else n: t for m, mod in model.named_modules(remove_duplicate=False)
-                 for n, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
-                 if t is not None}
-        names = {id(t): n for n, t in named.items()}
 
         def name_of(t) -> Any:
-            # The parameter's own object (stable while offload swaps its storage), else one
-            # that shares its storage and view (an alias Dynamo made).
-            name = names.get(id(t))
-            if name is None:
-                name = next((n for n, p in named.items() if p.data_ptr() == t.data_ptr() and p.shape == t.shape),
-                            (t.data_ptr(), tuple(t.shape)))
-            return name
+            # By the parameter's object (stable while offload swaps its storage), else an
+            # alias of it (GraphView's match), else its storage.
+            hit = find_tensor(by_id, t)
+            return hit[:2] if hit is not None else (t.data_ptr(), tuple(t.shape))
 
         def key_of(inputs) -> tuple:
             # The first and last parameter bound tell module instances apart (a shared graph
@@ -395,7 +386,7 @@ def _as_plan(plan: Any, source: Optional[SourceMap]) -> tuple[Plan, Optional[Sou
     if isinstance(plan, (str, os.PathLike)):
         from planlang.loader import load_with_source
         loaded = load_with_source(plan)
-        if loaded.plan is None or any(d.severity == "error" for d in loaded.diagnostics):
+        if loaded.plan is None or has_errors(loaded.diagnostics):
             raise ApplyError(loaded.diagnostics)
         return loaded.plan, loaded.source
     if isinstance(plan, dict):

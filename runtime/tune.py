@@ -393,9 +393,8 @@ def apply_space_file(space: Space, doc: dict, source, file: str, site_kinds: Seq
         new.precision = str_list("precision", PRECISIONS, "precision preset")
         replaced.append("precision")
     if "pdl" in doc:
-        if isinstance(doc["pdl"], list):  # YAML reads bare on/off as booleans, as in a plan's graphs.pdl
-            doc = {**doc, "pdl": [{True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
-                                  for v in doc["pdl"]]}
+        if isinstance(doc["pdl"], list):  # bare on/off, read as in a plan's graphs.pdl
+            doc = {**doc, "pdl": [names.pdl_word(v) for v in doc["pdl"]]}
         new.pdl = str_list("pdl", names.PDL_MODES, "pdl mode")
         replaced.append("pdl")
     if "buckets" in doc:
@@ -1319,6 +1318,16 @@ def tune(model: Optional[str], output: str | Path, *, target: Optional[str] = No
         show()
         return r
 
+    def one_more(c: Candidate) -> tuple[Optional[TrialResult], str]:
+        """A trial after the search, within the cap and budget: (result, "") or, when they
+        stop it, (None, why); the search's own reason for stopping stays the one reported."""
+        why_stopped = stopped[0]
+        try:
+            return evaluate(c), ""
+        except Stop:
+            why, stopped[0] = stopped[0], why_stopped
+            return None, why
+
     def second_look(best: Optional[TrialResult]) -> Optional[TrialResult]:
         if best is None:
             return None
@@ -1330,12 +1339,9 @@ def tune(model: Optional[str], output: str | Path, *, target: Optional[str] = No
             return best
         valid[twin.key] = twin
         pred[twin.key] = pred[best.key]
-        why_stopped = stopped[0]
-        try:
-            r = evaluate(twin)
-        except Stop:
-            notes.append(f"pdl: the winner was not measured with pdl off ({stopped[0]})")
-            stopped[0] = why_stopped
+        r, why = one_more(twin)
+        if r is None:
+            notes.append(f"pdl: the winner was not measured with pdl off ({why})")
             return best
         better = passes(r) and r.score < best.score * (1 - IMPROVE)
         notes.append(f"pdl: the winner measured {r.score:.3f}x eager's time with pdl off against {best.score:.3f}x with "
@@ -1351,11 +1357,8 @@ def tune(model: Optional[str], output: str | Path, *, target: Optional[str] = No
         plain = plain_candidate(valid.values())
         if plain is None or plain.key == best.key:
             return best
-        why_stopped = stopped[0]
-        try:
-            r = evaluate(plain)
-        except Stop:
-            stopped[0] = why_stopped
+        r, _ = one_more(plain)
+        if r is None:
             return best
         if passes(r) and r.score < best.score:
             notes.append(f"no candidate measured beat the unplanned model (best {best.score:.2f}x its time): the "

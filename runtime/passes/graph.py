@@ -136,6 +136,28 @@ def is_call(node: Any, targets: Iterable, methods: Iterable[str] = ()) -> bool:
     return node.op == "call_method" and node.target in set(methods)
 
 
+def model_tensors(model: torch.nn.Module) -> dict[int, tuple[str, str, torch.Tensor]]:
+    """id -> (module path, name, tensor) of every parameter and buffer of `model`."""
+    by_id: dict[int, tuple[str, str, torch.Tensor]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if p is not None:
+                by_id.setdefault(id(p), (mod_name, pname, p))
+    return by_id
+
+
+def find_tensor(by_id: dict, value: Any) -> Optional[tuple[str, str, torch.Tensor]]:
+    """The parameter or buffer (of `model_tensors`) that `value` is: the object itself, or a
+    detached alias Dynamo made of it (the same storage and view)."""
+    hit = by_id.get(id(value))
+    if hit is None and isinstance(value, torch.Tensor):
+        for mod_name, pname, p in by_id.values():
+            if (isinstance(p, torch.Tensor) and p.data_ptr() == value.data_ptr()
+                    and p.shape == value.shape and p.stride() == value.stride()):
+                return mod_name, pname, p
+    return hit
+
+
 @dataclass
 class GraphView:
     """One captured graph with its bindings to the model."""
@@ -147,22 +169,11 @@ class GraphView:
     input_of: dict = field(default_factory=dict)      # placeholder node -> the value it was bound to
 
     def __post_init__(self) -> None:
-        by_id = {}
-        for mod_name, mod in self.model.named_modules(remove_duplicate=False):
-            for pname, p in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-                if p is not None:
-                    by_id.setdefault(id(p), (mod_name, pname, p))
+        by_id = model_tensors(self.model)
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         for node, value in zip(placeholders, self.example_inputs):
             self.input_of[node] = value
-            hit = by_id.get(id(value))
-            if hit is None and isinstance(value, torch.Tensor):
-                # Dynamo may hand a detached alias of the parameter: match on storage and view.
-                for mod_name, pname, p in by_id.values():
-                    if (isinstance(p, torch.Tensor) and p.data_ptr() == value.data_ptr()
-                            and p.shape == value.shape and p.stride() == value.stride()):
-                        hit = (mod_name, pname, p)
-                        break
+            hit = find_tensor(by_id, value)
             if hit is not None:
                 self.param_of[node] = hit
 
